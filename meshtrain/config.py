@@ -1,0 +1,295 @@
+"""The TOML config: tables map to frozen dataclasses; every problem is reported at once.
+
+    cfg = load_config(Path("configs/tiny_cpu.toml"), ["parallel.tp=2"])
+
+Each problem is one line naming the file and the dotted key, e.g.
+`configs/run.toml: parallel.tpp: unknown key (did you mean parallel.tp?)`.
+Plugin sections (`[model]` minus the core keys, `[data]` minus `source`) are checked by the plugin
+(see `meshtrain.job`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from meshtrain.errors import ConfigError, suggest
+
+
+def _opt(default: Any, *, choices: tuple = (), min: float | None = None) -> Any:
+    return field(default=default, metadata={"choices": choices, "min": min})
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSection:
+    dir: str = ""
+    """Output folder for metrics, logs, checkpoints; default runs/<config stem>."""
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda"))
+    """auto = cuda when available, else cpu (gloo)."""
+    max_restarts: int = _opt(0, min=0)
+    """How often the elastic launcher restarts the workers after a failure."""
+    timeout_s: float = _opt(300.0, min=1)
+    """Collective timeout: a rank that waits longer than this fails instead of hanging."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelSection:
+    dp: int = _opt(1, min=1)
+    """Data-parallel degree."""
+    pp: int = _opt(1, min=1)
+    """Pipeline-parallel degree (pipeline ranks)."""
+    tp: int = _opt(1, min=1)
+    """Tensor-parallel degree."""
+    dp_shard: bool = False
+    """Shard parameters, gradients and optimizer state over dp (FSDP2) instead of replicating."""
+    sequence_parallel: bool = False
+    """Shard norms and residual activations over the sequence on the tp axis."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSection:
+    schedule: str = "1f1b"
+    """Name of a pipeline schedule from a plugin (`meshtrain plugins` lists them)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    family: str = "llama"
+    """Name of a model family from a plugin."""
+    name: str = ""
+    """Hub id or local folder with config.json; the family's keys below override it."""
+    pretrained: bool = False
+    """Load the weights from `name` (safetensors) instead of initialising from train.seed."""
+    trust_remote_code: bool = False
+    """Allow code from the model's folder or hub repo to run (off unless set)."""
+    options: dict = field(default_factory=dict)
+    """The family's own keys (everything else in [model]); checked by the family."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSection:
+    source: str = "offline"
+    """Name of a data source from a plugin; `offline` needs no network."""
+    options: dict = field(default_factory=dict)
+    """The source's own keys (everything else in [data]); checked by the source."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainSection:
+    steps: int = _opt(20, min=1)
+    """Optimizer steps."""
+    grad_acc: int = _opt(1, min=1)
+    """Micro-batches per step (also the pipeline's micro-batches)."""
+    micro_batch_size: int = _opt(1, min=1)
+    """Sequences per micro-batch per dp rank."""
+    seq_len: int = _opt(128, min=1)
+    """Tokens per sequence."""
+    seed: int = _opt(0, min=0)
+    """Seed for initial weights and data order."""
+    lr: float = _opt(3e-4, min=0)
+    """Peak learning rate (AdamW)."""
+    warmup_steps: int = _opt(0, min=0)
+    """Linear warmup steps, then cosine decay to lr * min_lr_ratio."""
+    min_lr_ratio: float = _opt(0.1, min=0)
+    """Final learning rate as a fraction of lr."""
+    weight_decay: float = _opt(0.0, min=0)
+    """AdamW weight decay, on matrices only (not norms)."""
+    grad_clip: float = _opt(1.0, min=0)
+    """Clip the global gradient norm to this; 0 = off."""
+    precision: str = _opt("fp32", choices=("fp32", "bf16"))
+    """fp32, or bf16 autocast with fp32 master weights."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointSection:
+    every: int = _opt(0, min=0)
+    """Save every N steps (and at the end); 0 = never."""
+    keep: int = _opt(2, min=1)
+    """Keep the newest K checkpoints."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in <run.dir>/checkpoints, never, or a path."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogSection:
+    every: int = _opt(1, min=1)
+    """Print a line (or update the progress bar) every N steps."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files to <run.dir>/tensorboard."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PluginsSection:
+    disable: list = field(default_factory=list)
+    """Plugin names not to load."""
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunSection, "parallel": ParallelSection, "pipeline": PipelineSection,
+    "model": ModelSection, "data": DataSection, "train": TrainSection,
+    "checkpoint": CheckpointSection, "log": LogSection, "plugins": PluginsSection,
+}
+OPEN_SECTIONS = {"model", "data"}  # their unknown keys go to `options`, checked by the plugin
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    path: Path
+    """The TOML file the config came from."""
+    raw: dict
+    """The merged tables after `base` and overrides (saved with checkpoints)."""
+    run: RunSection
+    parallel: ParallelSection
+    pipeline: PipelineSection
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    checkpoint: CheckpointSection
+    log: LogSection
+    plugins: PluginsSection
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.dp * self.parallel.pp * self.parallel.tp
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.path.stem
+
+
+def load_config(path: Path, overrides: list[str] = ()) -> Config:
+    """Read `path` (following `base`), apply `--set` overrides, and check every core section."""
+    path = Path(path)
+    raw = _read_with_bases(path, [])
+    problems: list[str] = []
+    for item in overrides:
+        _apply_override(raw, item, path, problems)
+    if problems:
+        raise ConfigError(problems)
+    return config_from_raw(path, raw)
+
+
+def config_from_raw(path: Path, raw: dict) -> Config:
+    """Check already merged tables (as saved in `Config.raw`) and build the Config."""
+    path, problems = Path(path), []
+    sections: dict[str, Any] = {}
+    for table, value in raw.items():
+        if table not in SECTIONS:
+            problems.append(f"{path}: {table}: unknown table{suggest(table, SECTIONS)}")
+        elif not isinstance(value, dict):
+            problems.append(f"{path}: {table}: must be a table, got {value!r}")
+    for table, cls in SECTIONS.items():
+        value = raw.get(table, {})
+        value = value if isinstance(value, dict) else {}
+        sections[table], found = parse_section(cls, value, f"{path}: {table}",
+                                               open_keys=table in OPEN_SECTIONS)
+        problems += found
+    if problems:
+        raise ConfigError(problems)
+    return Config(path=path, raw=raw, **sections)
+
+
+def parse_section(cls: type, table: dict, where: str, *,
+                  open_keys: bool = False) -> tuple[Any, list[str]]:
+    """Fill dataclass `cls` from `table`; returns (instance or defaults, problem lines).
+
+    `where` is "file: section"; problems read "file: section.key: ...". Plugins use this for
+    their own sections. With `open_keys`, unknown keys go to the `options` field instead."""
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "options" or not open_keys}
+    problems, values, options = [], {}, {}
+    for key, value in table.items():
+        if key not in fields:
+            if open_keys:
+                options[key] = value
+            else:
+                problems.append(f"{where}.{key}: unknown key{_suggest_key(key, fields, where)}")
+            continue
+        problem = _check_value(value, hints[key], fields[key].metadata)
+        if problem:
+            problems.append(f"{where}.{key}: {problem}")
+        else:
+            values[key] = float(value) if hints[key] is float else value
+    if open_keys:
+        values["options"] = options
+    return (cls(**values) if not problems else cls()), problems
+
+
+def _suggest_key(key: str, fields: dict, where: str) -> str:
+    hint = suggest(key, fields)
+    section = where.rsplit(": ", 1)[-1]
+    return hint.replace("mean ", f"mean {section}.") if hint else ""
+
+
+def _check_value(value: Any, kind: Any, meta: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "a table"}
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str), list: lambda v: isinstance(v, list),
+          dict: lambda v: isinstance(v, dict)}
+    if kind in ok and not ok[kind](value):
+        return f"expected {names[kind]}, got {value!r}"
+    choices = meta.get("choices") or ()
+    if choices and value not in choices:
+        return f"{value!r} is not one of {', '.join(map(repr, choices))}{suggest(str(value), choices)}"
+    low = meta.get("min")
+    if low is not None and value < low:
+        return f"{value!r} is out of range (must be >= {low:g})"
+    return ""
+
+
+def _read_with_bases(path: Path, chain: list[Path]) -> dict:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in [*chain, resolved])
+        raise ConfigError(f"{path}: base: circular base chain ({cycle})")
+    if not path.is_file():
+        where = f"{chain[-1]}: base" if chain else "config"
+        raise ConfigError(f"{where}: file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    parent = _read_with_bases(path.parent / base, [*chain, resolved])
+    return deep_merge(parent, raw)
+
+
+def deep_merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, merging nested tables; neither input is changed."""
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(raw: dict, item: str, path: Path, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key:
+        problems.append(f"--set {item}: expected table.key=value (e.g. parallel.tp=2)")
+        return
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()  # a bare word such as gpipe is meant as a string
+    *tables, last = key.split(".")
+    node = raw
+    for table in tables:
+        node = node.setdefault(table, {})
+        if not isinstance(node, dict):
+            problems.append(f"--set {item}: {table} is not a table in {path}")
+            return
+    node[last] = value

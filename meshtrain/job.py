@@ -1,0 +1,130 @@
+"""A Job: a checked config with its plugins resolved, ready to launch.
+
+`resolve_job` selects the model family, schedule and data source the config names, lets each check
+its own keys, then checks degrees against the model (tp vs heads, pp vs layers, ...). Every problem
+is collected and raised together as one ConfigError.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from meshtrain.config import Config, parse_section
+from meshtrain.contracts import DataSource, ModelFamily, ModelShape, PipelineSchedule
+from meshtrain.errors import ConfigError, UserError, suggest
+from meshtrain.plugins import Plugins, entry_point_names
+
+log = logging.getLogger("meshtrain")
+
+
+@dataclass(frozen=True)
+class Job:
+    config: Config
+    plugins: Plugins
+    family: ModelFamily
+    model_config: Any
+    shape: ModelShape
+    schedule: PipelineSchedule
+    source: DataSource
+    data_options: Any
+    warnings: list[str]
+
+    @property
+    def num_stages(self) -> int:
+        """Pipeline stages in all: pp ranks times the stages each holds."""
+        return self.config.parallel.pp * self.schedule.stages_per_rank
+
+    @property
+    def device_type(self) -> str:
+        device = self.config.run.device
+        if device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return device
+
+
+def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
+    """Load plugins and check everything that can be checked before starting processes."""
+    where = str(config.path)
+    problems: list[str] = []
+    known = entry_point_names()
+    for name in config.plugins.disable:
+        if name not in known:
+            problems.append(f"{where}: plugins.disable: no plugin {name!r}{suggest(name, known)}")
+    plugins = Plugins(config.plugins.disable, extra_plugins)
+
+    def pick(hook: str, name: str, key: str) -> Any:
+        try:
+            return plugins.get(hook, name, f"{where}: {key}")
+        except UserError as err:
+            problems.extend(err.problems)
+            return None
+
+    family = pick("model_families", config.model.family, "model.family")
+    schedule = pick("pipeline_schedules", config.pipeline.schedule, "pipeline.schedule")
+    source = pick("data_sources", config.data.source, "data.source")
+    model_config = shape = data_options = None
+    if family is not None:
+        model_config, found = family.parse_config(
+            config.model.options, name=config.model.name or None,
+            trust_remote_code=config.model.trust_remote_code, where=f"{where}: model")
+        problems += found
+        if not found:
+            shape = family.shape(model_config)
+    if source is not None:
+        data_options, found = parse_section(source.config_class, config.data.options,
+                                            f"{where}: data")
+        problems += found
+    if shape is not None and schedule is not None:
+        problems += check_degrees(config, shape, schedule)
+    if config.model.pretrained and not config.model.name:
+        problems.append(f"{where}: model.pretrained: true needs model.name (hub id or folder)")
+    if config.run.device == "cuda" and not torch.cuda.is_available():
+        problems.append(f"{where}: run.device: 'cuda' but no CUDA device is visible; use 'cpu'")
+    if problems:
+        raise ConfigError(problems)
+    return Job(config=config, plugins=plugins, family=family, model_config=model_config,
+               shape=shape, schedule=schedule, source=source, data_options=data_options,
+               warnings=_no_effect_warnings(config))
+
+
+def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule) -> list[str]:
+    """Degree arithmetic against the model, one line per problem naming the keys."""
+    p, par, train = config.path, config.parallel, config.train
+    problems = []
+    for count, what in [(shape.num_heads, "attention heads (model.num_attention_heads)"),
+                        (shape.num_kv_heads, "key/value heads (model.num_key_value_heads)"),
+                        (shape.vocab_size, "vocabulary (model.vocab_size)"),
+                        (shape.intermediate_size, "MLP width (model.intermediate_size)")]:
+        if count % par.tp:
+            problems.append(f"{p}: parallel.tp: {par.tp} does not divide the {count} {what}")
+    if shape.hidden_size % shape.num_heads:
+        problems.append(f"{p}: model.hidden_size: {shape.hidden_size} is not divisible by "
+                        f"model.num_attention_heads ({shape.num_heads})")
+    stages = par.pp * schedule.stages_per_rank
+    if stages > shape.num_layers:
+        problems.append(f"{p}: parallel.pp: {par.pp} ranks x {schedule.stages_per_rank} stages "
+                        f"per rank = {stages} stages exceed the {shape.num_layers} layers "
+                        "(model.num_hidden_layers)")
+    problems += [f"{p}: {line}" for line in schedule.validate(pp=par.pp, grad_acc=train.grad_acc)]
+    if train.seq_len > shape.max_positions:
+        problems.append(f"{p}: train.seq_len: {train.seq_len} exceeds the model's "
+                        f"{shape.max_positions} positions (model.max_position_embeddings)")
+    if par.sequence_parallel and train.seq_len % par.tp:
+        problems.append(f"{p}: train.seq_len: {train.seq_len} must be divisible by parallel.tp "
+                        f"({par.tp}) for parallel.sequence_parallel")
+    return problems
+
+
+def _no_effect_warnings(config: Config) -> list[str]:
+    par, warnings = config.parallel, []
+    if par.dp_shard and par.dp == 1:
+        warnings.append("parallel.dp_shard has no effect with parallel.dp = 1")
+    if par.sequence_parallel and par.tp == 1:
+        warnings.append("parallel.sequence_parallel has no effect with parallel.tp = 1")
+    if par.pp == 1 and "schedule" in config.raw.get("pipeline", {}):
+        warnings.append("pipeline.schedule has no effect with parallel.pp = 1")
+    return warnings
