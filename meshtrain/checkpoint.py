@@ -1,0 +1,143 @@
+"""Native checkpoints: torch.distributed.checkpoint (each rank writes its own shards), exact resume,
+resharding into another layout.
+
+    <run.dir>/checkpoints/step_00000010/   complete: DCP shards + rank<r>.pt + meta.json
+    <run.dir>/checkpoints/.step_00000012.partial/   being written (or killed): never resumed
+
+Keys are Hugging Face parameter names (a tied copy is stored once, under its partner's name), so a
+checkpoint loads into any (dp, pp, tp, dp_shard) layout of the same model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from meshtrain.config import Config
+from meshtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from meshtrain.job import Job
+    from meshtrain.train import Trainer
+
+log = logging.getLogger("meshtrain")
+META = "meta.json"
+
+
+def checkpoints_dir(config: Config) -> Path:
+    return config.run_dir / "checkpoints"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / META).is_file() and not path.name.startswith(".")
+
+
+def find_resume(config: Config) -> Path | None:
+    """The checkpoint `checkpoint.resume` selects: auto = newest complete one, never, or a path."""
+    mode = config.checkpoint.resume
+    if mode == "never":
+        return None
+    if mode == "auto":
+        root = checkpoints_dir(config)
+        done = sorted(p for p in root.glob("step_*") if is_complete(p)) if root.is_dir() else []
+        return done[-1] if done else None
+    path = Path(mode)
+    if not is_complete(path):
+        raise UserError(f"{config.path}: checkpoint.resume: {path} is not a complete meshtrain "
+                        f"checkpoint (no {META}); use a step_* folder under <run.dir>/checkpoints")
+    return path
+
+
+def check_resume(job: Job) -> Path | None:
+    """Before workers start: the checkpoint to resume, checked against the model's shape."""
+    path = find_resume(job.config)
+    if path is None:
+        return None
+    saved = json.loads((path / META).read_text()).get("shape")
+    if saved != asdict(job.shape):
+        diff = ", ".join(f"{k} {saved.get(k)} vs {v}" for k, v in asdict(job.shape).items()
+                         if saved and saved.get(k) != v) or "no shape recorded"
+        raise UserError(f"{job.config.path}: checkpoint.resume: {path} holds a different model "
+                        f"({diff}); use checkpoint.resume = \"never\" or another run.dir")
+    return path
+
+
+def save(t: Trainer) -> Path:
+    """Write a checkpoint of step `t.step`; it becomes visible (renamed) only once complete."""
+    cfg, rank = t.job.config, t.mesh.rank
+    root = checkpoints_dir(cfg)
+    final, partial = root / f"step_{t.step:08d}", root / f".step_{t.step:08d}.partial"
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_tensors(t), checkpoint_id=partial)
+    torch.save({"rng": torch.get_rng_state(), "data": t.data.state_dict()},
+               partial / f"rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        meta = {"step": t.step, "lr_schedule": t.lr_schedule.state_dict(),
+                "shape": asdict(t.job.shape), "config": cfg.raw, "world": t.mesh.world,
+                "family": cfg.model.family}
+        (partial / META).write_text(json.dumps(meta, indent=1, default=str))
+        shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a restart
+        partial.rename(final)
+        _prune(root, cfg.checkpoint.keep)
+        log.info("saved checkpoint %s", final)
+    dist.barrier()
+    return final
+
+
+def load(t: Trainer, path: Path) -> None:
+    """Restore model, optimizer, LR schedule, step, data position and RNG from `path`."""
+    _init_optimizer_state(t.optimizer)
+    dcp.load(_tensors(t, with_copies=True), checkpoint_id=path)
+    meta = json.loads((path / META).read_text())
+    t.step = meta["step"]
+    t.lr_schedule.load_state_dict(meta["lr_schedule"])
+    own = path / f"rank{t.mesh.rank}.pt"
+    same_layout = meta.get("world") == t.mesh.world and own.is_file()
+    extra = torch.load(own if same_layout else path / "rank0.pt", weights_only=True)
+    t.data.load_state_dict(extra["data"])
+    torch.set_rng_state(extra["rng"])
+    if t.mesh.rank == 0:
+        log.info("resumed from %s at step %d", path, t.step)
+
+
+def _tensors(t: Trainer, with_copies: bool = False) -> dict[str, Any]:
+    """Model and optimizer tensors by checkpoint key. A tied copy shares its partner's key: it is
+    loaded from it but not saved twice."""
+    tied = {copy: source for source, copy in t.job.family.tied_parameters(t.job.model_config)}
+    model, optim = {}, {}
+    for name, p in zip(t.model.names, t.model.params, strict=True):
+        key = tied.get(name, name)
+        if key != name and not with_copies:
+            continue
+        model[key] = p
+        for state_name, value in t.optimizer.state.get(p, {}).items():
+            optim[f"{key}.{state_name}"] = value
+    return {"model": model, "optim": optim}
+
+
+def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW creates its state lazily; make it exist (zeros) so DCP can load into it."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p not in optimizer.state or not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.tensor(0.0),
+                                      "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if is_complete(p))
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

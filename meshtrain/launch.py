@@ -1,0 +1,153 @@
+"""Start the world: join torchrun/srun, run a world of one in-process, or start local workers with
+torch.distributed's elastic launcher (the engine behind torchrun) on 127.0.0.1.
+
+    meshtrain run configs/tiny_cpu.toml --set parallel.dp=2     # 2 local workers
+    torchrun --nproc-per-node 8 -m meshtrain run configs/smollm_cpu.toml
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+
+from meshtrain.config import config_from_raw
+from meshtrain.errors import UserError
+from meshtrain.job import Job, resolve_job
+from meshtrain.metrics import PEAK_ENV, measure_peak_flops
+
+log = logging.getLogger("meshtrain")
+
+# Freed memory goes back to the OS at once instead of staying in glibc's arenas: with 8 workers
+# on one machine, retained arenas alone are gigabytes.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def launch(job: Job) -> int:
+    """Run `job` to completion; returns the exit status."""
+    _slurm_to_torchrun_env()
+    cfg = job.config
+    if "RANK" in os.environ:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world != cfg.world_size:
+            raise UserError(f"{cfg.path}: parallel.dp * parallel.pp * parallel.tp = "
+                            f"{cfg.world_size} but the launcher started WORLD_SIZE={world} "
+                            "processes; change the degrees or --nproc-per-node")
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            prepare(job)
+        return _worker_main(str(cfg.path), cfg.raw)
+    prepare(job)
+    if cfg.world_size == 1:
+        return _worker_main(str(cfg.path), cfg.raw, job)
+    return _launch_local(job)
+
+
+def prepare(job: Job) -> None:
+    """Once, before any worker starts: check the checkpoint to resume, tokenize the data."""
+    from meshtrain.checkpoint import check_resume
+    from meshtrain.train import data_context
+
+    check_resume(job)
+    job.source.prepare(job.data_options, data_context(job, dp_rank=0))
+
+
+def _launch_local(job: Job) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg = job.config
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # 8 workers x 2 threads on 2 cores: 10x slower
+    for key, value in WORKER_ENV.items():
+        os.environ.setdefault(key, value)
+    if job.device_type == "cpu" and PEAK_ENV not in os.environ:
+        os.environ[PEAK_ENV] = str(measure_peak_flops(torch.device("cpu")))
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size,
+        run_id=f"meshtrain-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=cfg.run.max_restarts,
+        monitor_interval=0.5, start_method="spawn", local_addr="127.0.0.1")
+    log.info("starting %d local workers (dp=%d pp=%d tp=%d)", cfg.world_size,
+             cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+    try:
+        elastic_launch(config, _worker_main)(str(cfg.path), cfg.raw)
+    except ChildFailedError as err:
+        for rank, failure in sorted(err.failures.items()):
+            log.error("rank %d failed: %s", rank, _failure_text(failure))
+        return 1
+    return 0
+
+
+def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:
+    """Entry point of every worker (also of the in-process world of one)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from meshtrain.mesh import close_mesh
+    from meshtrain.train import run_worker
+
+    @record
+    def main() -> int:
+        nonlocal job
+        job = job or resolve_job(config_from_raw(Path(path), raw))
+        _setup_worker_logging(job.config.run_dir, int(os.environ.get("RANK", "0")))
+        if job.device_type == "cpu" and "OMP_NUM_THREADS" in os.environ:
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        try:
+            run_worker(job)
+        finally:
+            close_mesh()
+        return 0
+
+    return main()
+
+
+def _setup_worker_logging(run_dir: Path, rank: int) -> None:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    logger = logging.getLogger("meshtrain")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s"))
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    logger.addHandler(file_handler)
+    logger.addHandler(console)
+
+
+def _failure_text(failure: object) -> str:
+    message = getattr(failure, "message", "")
+    if isinstance(message, dict):  # the error file written by @record
+        message = message.get("message", "")
+        message = message.get("message", message) if isinstance(message, dict) else message
+    if not message:
+        code = getattr(failure, "exitcode", "?")
+        message = f"exit code {code}" if isinstance(code, int) and code >= 0 else \
+            f"killed by signal {getattr(failure, 'signal_name', lambda: -code)()}"
+    return str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
+
+
+def _slurm_to_torchrun_env() -> None:
+    """Under srun, map Slurm's ids to the variables torch.distributed reads."""
+    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ and \
+            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_ADDR" not in os.environ:
+            raise UserError("under srun, set MASTER_ADDR to the first node's address "
+                            "(see configs/slurm.sbatch)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

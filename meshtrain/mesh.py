@@ -1,0 +1,86 @@
+"""The process group and the ("dp", "pp", "tp") DeviceMesh, tp innermost.
+
+Size-1 axes stay in the mesh so no code branches on their absence. gloo on CPU, NCCL on CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from meshtrain.config import Config
+
+AXES = ("dp", "pp", "tp")
+
+
+@dataclass
+class Mesh:
+    """This rank's place in the world."""
+
+    mesh: DeviceMesh
+    device: torch.device
+    rank: int
+    world: int
+    dp_rank: int
+    pp_rank: int
+    tp_rank: int
+    tied_group: dist.ProcessGroup | None
+    """First and last pipeline rank of this (dp, tp) column, for tied weights; None elsewhere."""
+
+    def size(self, axis: str) -> int:
+        return self.mesh[axis].size()
+
+    def group(self, axis: str) -> dist.ProcessGroup:
+        return self.mesh[axis].get_group()
+
+    @property
+    def is_last_pp(self) -> bool:
+        return self.pp_rank == self.size("pp") - 1
+
+
+def init_mesh(config: Config, device_type: str) -> Mesh:
+    """Join (or create, for one process) the process group and build the mesh."""
+    par = config.parallel
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    timeout = timedelta(seconds=config.run.timeout_s)
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend, timeout=timeout)
+        else:  # a world of one, in-process: same code path, no launcher
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timeout)
+    if device_type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device(device_type)
+    mesh = init_device_mesh(device_type, (par.dp, par.pp, par.tp), mesh_dim_names=AXES)
+    coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
+    return Mesh(mesh=mesh, device=device, rank=dist.get_rank(), world=dist.get_world_size(),
+                dp_rank=coords["dp"], pp_rank=coords["pp"], tp_rank=coords["tp"],
+                tied_group=_tied_group(mesh, par.dp, par.pp, par.tp))
+
+
+def _tied_group(mesh: DeviceMesh, dp: int, pp: int, tp: int) -> dist.ProcessGroup | None:
+    # Every rank must create every group, in the same order.
+    if pp == 1:
+        return None
+    ranks = mesh.mesh  # (dp, pp, tp) tensor of global ranks
+    mine = None
+    for d in range(dp):
+        for t in range(tp):
+            pair = [int(ranks[d, 0, t]), int(ranks[d, pp - 1, t])]
+            group = dist.new_group(pair)
+            if dist.get_rank() in pair:
+                mine = group
+    return mine
+
+
+def close_mesh() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

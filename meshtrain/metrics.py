@@ -1,0 +1,107 @@
+"""Step metrics: `<run.dir>/metrics.jsonl`, a progress line on rank 0, TensorBoard when asked.
+
+MFU is model FLOPs per second over the machine's own matmul throughput, measured once per run
+(`measure_peak_flops`), so it means the same on a laptop CPU and on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("meshtrain")
+
+PEAK_ENV = "MESHTRAIN_PEAK_FLOPS"
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
+                       seconds: float = 0.5) -> float:
+    """Dense matmul FLOP/s of this process on `device` with its current thread count."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm up
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n**3 * count / (time.perf_counter() - start)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory (GiB): what the OS had to give it."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLog:
+    """Writes one JSON object per step; rank 0 only."""
+
+    def __init__(self, run_dir: Path, total_steps: int, every: int, tensorboard: bool):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in close())
+        self.total, self.every = total_steps, every
+        self.tty = sys.stderr.isatty()
+        self.started = time.perf_counter()
+        self.writer = _tensorboard_writer(run_dir) if tensorboard else None
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        step = metrics["step"]
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if key != "step" and isinstance(value, int | float):
+                    self.writer.add_scalar(key, value, step)
+        if step % self.every == 0 or step == self.total:
+            self._show(metrics)
+
+    def _show(self, m: dict[str, Any]) -> None:
+        step = m["step"]
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / max(1, m["steps_this_run"]) * (self.total - step)
+        text = (f"step {step}/{self.total} loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
+                f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f} s/step "
+                f"mfu {m['mfu']:.1%} mem {m['peak_mem_total_gib']:.1f} GiB eta {eta:.0f}s")
+        if self.tty:
+            done = int(20 * step / self.total)
+            bar = "#" * done + "." * (20 - done)
+            end = "\n" if step == self.total else ""
+            sys.stderr.write(f"\r[{bar}] {text}\033[K{end}")
+            sys.stderr.flush()
+        else:
+            log.info(text)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _tensorboard_writer(run_dir: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("log.tensorboard = true but the tensorboard package is not installed "
+                    "(pip install tensorboard); writing metrics.jsonl only")
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def peak_flops(mesh: Any) -> float:
+    """The machine's matmul FLOP/s for MFU: measured once by the launcher (all cores of a CPU)
+    and passed in $MESHTRAIN_PEAK_FLOPS, else measured here per device."""
+    value = os.environ.get(PEAK_ENV)
+    if value:
+        return float(value)
+    per_device = measure_peak_flops(mesh.device)
+    return per_device * (mesh.world if mesh.device.type == "cuda" else 1)

@@ -1,0 +1,59 @@
+"""Pipeline parallel: which layers each stage holds, and the `torch.distributed.pipelining` glue.
+
+Stages are numbered 0..num_stages-1; pp rank p holds stages p, p + pp, ... (one for GPipe/1F1B,
+two for interleaved schedules). The first stage also holds the embedding, the last the norm + head.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.pipelining import PipelineStage
+
+log = logging.getLogger("meshtrain")
+
+
+def partition_layers(num_layers: int, num_stages: int) -> list[range]:
+    """Balanced contiguous layer ranges; earlier stages take the extra layers, because the last
+    stage also runs the norm, the head and the loss. Never drops a layer."""
+    base, extra = divmod(num_layers, num_stages)
+    ranges, start = [], 0
+    for stage in range(num_stages):
+        count = base + (1 if stage < extra else 0)
+        ranges.append(range(start, start + count))
+        start += count
+    assert start == num_layers and all(len(r) > 0 for r in ranges)
+    return ranges
+
+
+def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
+    """The stages pp rank `pp_rank` holds, in execution order (loop-style placement)."""
+    return [pp_rank + k * pp for k in range(stages_per_rank)]
+
+
+def describe_stages(num_layers: int, num_stages: int) -> list[str]:
+    """One line per stage: what it holds, for logs and `meshtrain check`."""
+    lines = []
+    for index, layers in enumerate(partition_layers(num_layers, num_stages)):
+        parts = ["embedding"] if index == 0 else []
+        parts.append(f"layers {layers.start}-{layers.stop - 1}")
+        parts += ["norm + head"] if index == num_stages - 1 else []
+        lines.append(f"stage {index}: {', '.join(parts)}")
+    return lines
+
+
+def split_model(family: Any, model: nn.Module, num_layers: int, ids: list[int],
+                num_stages: int) -> list[nn.Module]:
+    """This rank's stage modules, cut from the full (meta) model by the family."""
+    ranges = partition_layers(num_layers, num_stages)
+    return [family.split(model, ranges[i], first=i == 0, last=i == num_stages - 1) for i in ids]
+
+
+def build_pipeline_stages(stages: list[nn.Module], ids: list[int], num_stages: int,
+                          device: torch.device, group: Any) -> list[PipelineStage]:
+    """Wrap stage modules for the schedule; shapes are inferred on the first step."""
+    return [PipelineStage(module, index, num_stages, device, group=group)
+            for module, index in zip(stages, ids, strict=True)]

@@ -1,0 +1,149 @@
+"""The training loop, run by every worker: build, then step, log and checkpoint until done.
+
+    batch -> forward/backward (pipelined or not) -> dp grad sync -> tied grad sync
+          -> global grad norm + clip -> AdamW + LR -> metrics -> checkpoint every N steps
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from meshtrain import checkpoint
+from meshtrain.contracts import DataContext
+from meshtrain.data_parallel import align_grad_placements, all_reduce_grads
+from meshtrain.job import Job
+from meshtrain.mesh import Mesh, init_mesh
+from meshtrain.metrics import MetricsLog, peak_flops, peak_rss_gib
+from meshtrain.model import ParallelModel, build_parallel_model
+from meshtrain.optim import (
+    build_lr_schedule,
+    build_optimizer,
+    clip_grads,
+    sync_tied_grads,
+    weighted_square_norm,
+)
+from meshtrain.pipeline import describe_stages
+from meshtrain.step import Stepper
+
+log = logging.getLogger("meshtrain")
+
+
+@dataclass
+class Trainer:
+    """Everything a step needs; built once per worker by `build_trainer`."""
+
+    job: Job
+    mesh: Mesh
+    model: ParallelModel
+    stepper: Stepper
+    optimizer: torch.optim.Optimizer
+    lr_schedule: Any
+    data: Any
+    peak_flops: float
+    step: int = 0
+
+
+def run_worker(job: Job) -> list[dict]:
+    """Train to `train.steps`; returns the metrics of every step this run took (on every rank)."""
+    trainer = build_trainer(job)
+    cfg, rank = job.config, trainer.mesh.rank
+    hook = job.plugins.hook
+    metrics_log = (MetricsLog(cfg.run_dir, cfg.train.steps, cfg.log.every, cfg.log.tensorboard)
+                   if rank == 0 else None)
+    hook.on_train_start(config=cfg, rank=rank)
+    history: list[dict] = []
+    while trainer.step < cfg.train.steps:
+        metrics = train_step(trainer)
+        metrics["steps_this_run"] = len(history) + 1
+        history.append(metrics)
+        if metrics_log:
+            metrics_log.write(metrics)
+        hook.on_step_end(config=cfg, rank=rank, step=trainer.step, metrics=metrics)
+        every = cfg.checkpoint.every
+        if every and (trainer.step % every == 0 or trainer.step == cfg.train.steps):
+            path = checkpoint.save(trainer)
+            hook.on_checkpoint_saved(config=cfg, rank=rank, step=trainer.step, path=path)
+    if metrics_log:
+        metrics_log.close()
+    hook.on_train_end(config=cfg, rank=rank, metrics=history[-1] if history else {})
+    return history
+
+
+def build_trainer(job: Job) -> Trainer:
+    cfg = job.config
+    mesh = init_mesh(cfg, job.device_type)
+    if mesh.rank == 0:
+        for warning in job.warnings:
+            log.warning(warning)
+        log.info("mesh dp=%d pp=%d tp=%d on %s; %s", cfg.parallel.dp, cfg.parallel.pp,
+                 cfg.parallel.tp, mesh.device, "; ".join(
+                     describe_stages(job.shape.num_layers, job.num_stages)))
+    resume_from = checkpoint.find_resume(cfg)
+    weights = "none" if resume_from else "pretrained" if cfg.model.pretrained else "init"
+    model = build_parallel_model(job, mesh, weights=weights)
+    optimizer = build_optimizer(model.params, cfg.train)
+    trainer = Trainer(job=job, mesh=mesh, model=model,
+                      stepper=Stepper(model, mesh, job.schedule, cfg.train.grad_acc,
+                                      cfg.train.precision),
+                      optimizer=optimizer, lr_schedule=build_lr_schedule(optimizer, cfg.train),
+                      data=job.source.open(job.data_options, data_context(job, mesh.dp_rank)),
+                      peak_flops=peak_flops(mesh))
+    if resume_from is not None:
+        checkpoint.load(trainer, resume_from)
+    return trainer
+
+
+def train_step(t: Trainer) -> dict:
+    """One optimizer step; returns its global metrics (the same on every rank)."""
+    cfg, mesh, model = t.job.config, t.mesh, t.model
+    start = time.perf_counter()
+    loss, tokens = t.stepper.run(t.data.next_batch())
+    align_grad_placements(model.params)
+    if not (cfg.parallel.dp_shard and mesh.size("dp") > 1):
+        all_reduce_grads(model.params, mesh.group("dp"), mesh.size("dp"))
+    sync_tied_grads(model.tied, mesh.tied_group)
+    # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
+    reporter = model.last and mesh.tp_rank == 0
+    loss_share = loss.double() / mesh.size("dp") if reporter else torch.zeros((),
+                                                                               dtype=torch.float64)
+    stats = torch.stack([loss_share.to(mesh.device),
+                         weighted_square_norm(model.params, model.norm_weights).to(mesh.device),
+                         torch.tensor(peak_rss_gib(), dtype=torch.float64, device=mesh.device)])
+    dist.all_reduce(stats)
+    peak = torch.tensor(peak_rss_gib(), device=mesh.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    grad_norm = math.sqrt(float(stats[1]))
+    clip_grads(model.params, grad_norm, cfg.train.grad_clip)
+    lr = t.lr_schedule.get_last_lr()[0]
+    t.optimizer.step()
+    t.lr_schedule.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.step += 1
+    elapsed = time.perf_counter() - start
+    flops = t.job.family.flops_per_token(t.job.model_config, cfg.train.seq_len) * tokens
+    return {"step": t.step, "loss": float(stats[0]), "grad_norm": grad_norm, "lr": lr,
+            "tokens": tokens, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
+            "mfu": flops / elapsed / t.peak_flops, "peak_mem_total_gib": float(stats[2]),
+            "peak_mem_max_rank_gib": float(peak)}
+
+
+def data_context(job: Job, dp_rank: int) -> DataContext:
+    cfg = job.config
+    return DataContext(seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
+                       grad_acc=cfg.train.grad_acc, dp=cfg.parallel.dp, dp_rank=dp_rank,
+                       seed=cfg.train.seed, vocab_size=job.shape.vocab_size,
+                       run_dir=cfg.run_dir, cache_dir=cache_dir())
+
+
+def cache_dir() -> Path:
+    """Where data sources cache corpora and tokenizers ($MESHTRAIN_CACHE or ~/.cache/meshtrain)."""
+    return Path(os.environ.get("MESHTRAIN_CACHE", Path.home() / ".cache" / "meshtrain"))

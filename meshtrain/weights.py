@@ -1,0 +1,104 @@
+"""Materialise this rank's weights: the same full values whatever the layout, then sharded.
+
+Deterministic init: each parameter's full value comes from the family, drawn from a generator
+seeded by (train.seed, parameter name), and each rank keeps its slice. Hugging Face import: each
+rank reads only its slice from the safetensors files. A tied copy on the last pipeline stage is
+filled under its partner's name, so both ends start equal.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+from meshtrain.errors import UserError
+
+
+def param_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def init_weights(stages: list[nn.Module], family: Any, model_config: Any, seed: int,
+                 tied: dict[str, str]) -> None:
+    """Deterministic init of every parameter of `stages` (already on their device)."""
+
+    def local_value(name: str, param: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(param_seed(seed, name))
+        full = family.init_parameter(name, param.shape, model_config, generator)
+        if not isinstance(param, DTensor):
+            return full
+        # src_data_rank=None: every rank holds the full value, so slice without messages.
+        return distribute_tensor(full, param.device_mesh, param.placements,
+                                 src_data_rank=None).to_local()
+
+    fill_parameters(stages, tied, local_value)
+
+
+def load_hf_weights(stages: list[nn.Module], folder: Path, tied: dict[str, str]) -> None:
+    """Fill parameters from a Hugging Face safetensors checkpoint (one file or sharded with an
+    index), reading only this rank's slice of each tensor."""
+    from safetensors import safe_open
+
+    files = _safetensors_files(folder)
+    handles = {f: safe_open(str(f), framework="pt") for f in set(files.values())}
+
+    def local_value(name: str, param: torch.Tensor) -> torch.Tensor:
+        key = name
+        if key not in files:
+            raise UserError(f"model.name: {folder} has no tensor {name!r}")
+        tensor = handles[files[key]].get_slice(key)
+        if list(tensor.get_shape()) != list(param.shape):
+            raise UserError(f"model.name: {folder}: {key} has shape {tensor.get_shape()}, "
+                            f"the model expects {list(param.shape)}")
+        if not isinstance(param, DTensor):
+            return tensor[:]
+        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
+                                                              param.placements)
+        return tensor[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
+
+    fill_parameters(stages, tied, local_value)
+
+
+def fill_parameters(stages: list[nn.Module], tied: dict[str, str],
+                    local_value: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+    """Copy `local_value(name, param)` into each parameter's local tensor."""
+    with torch.no_grad():
+        for stage in stages:
+            for name, param in stage.named_parameters():
+                value = local_value(tied.get(name, name), param)
+                local = param.to_local() if isinstance(param, DTensor) else param
+                local.copy_(value.to(local.dtype))
+
+
+def pretrained_folder(name: str) -> Path:
+    """A local folder with the weights of `name` (a folder, or a hub id when the hub answers)."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def _safetensors_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> file, from model.safetensors.index.json or the single model file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise UserError(f"model.name: {folder} has no model.safetensors or "
+                        "model.safetensors.index.json (model.pretrained = true needs weights)")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as handle:
+        return {name: single for name in handle.keys()}  # noqa: SIM118
