@@ -1,0 +1,181 @@
+"""meshtrain_data: window streams (dp slices, grad_acc, resume, epochs), synthetic and offline.
+
+    PYTHONPATH=.:plugins pytest tests/test_data.py
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import dataclasses  # noqa: E402
+import logging  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import meshtrain_data  # noqa: E402
+import meshtrain_data.offline  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from meshtrain_data.stream import PackedStream  # noqa: E402
+from meshtrain_data.synthetic import SyntheticStream  # noqa: E402
+
+from meshtrain.config import parse_section  # noqa: E402
+from meshtrain.contracts import DataContext, DataSource  # noqa: E402
+from meshtrain.errors import UserError  # noqa: E402
+
+
+def make_ctx(tmp: Path, **kw) -> DataContext:
+    base = dict(seq_len=8, micro_batch_size=2, grad_acc=2, dp=1, dp_rank=0, seed=3,
+                vocab_size=1000, run_dir=tmp / "run", cache_dir=tmp / "cache")
+    return DataContext(**{**base, **kw})
+
+
+def global_batches(make_stream, ctx: DataContext, steps: int) -> list[torch.Tensor]:
+    """Concatenate every dp rank's rows of each step into the global batch."""
+    streams = [make_stream(dataclasses.replace(ctx, dp_rank=r)) for r in range(ctx.dp)]
+    return [torch.cat([s.next_batch() for s in streams]) for _ in range(steps)]
+
+
+TOKENS = np.arange(8 * 13 + 5, dtype=np.uint16)  # 13 windows of 9 tokens and a short tail
+
+
+def packed(ctx: DataContext) -> PackedStream:
+    return PackedStream(TOKENS, ctx, shuffle=True)
+
+
+def test_hook_lists_three_sources_that_fit_the_contract():
+    sources = meshtrain_data.data_sources()
+    assert set(sources) == {"offline", "hf", "synthetic"}
+    for source in sources.values():
+        assert isinstance(source, DataSource)
+        options, problems = parse_section(source.config_class, {}, "x.toml: data")
+        assert problems == [] and dataclasses.is_dataclass(options)
+    _, problems = parse_section(sources["offline"].config_class, {"vocab_sise": 5}, "x.toml: data")
+    assert problems == ["x.toml: data.vocab_sise: unknown key (did you mean data.vocab_size?)"]
+
+
+def test_dp_slices_concatenate_to_the_dp1_batch(tmp_path):
+    one = global_batches(packed, make_ctx(tmp_path, micro_batch_size=4, dp=1), steps=9)
+    two = global_batches(packed, make_ctx(tmp_path, micro_batch_size=2, dp=2), steps=9)
+    for a, b in zip(one, two, strict=True):
+        assert a.shape == (8, 9) and a.dtype == torch.long
+        assert torch.equal(a, b)
+
+
+def test_micro_batch_and_grad_acc_regrouping_keeps_the_global_batch(tmp_path):
+    wide = global_batches(packed, make_ctx(tmp_path, micro_batch_size=4, grad_acc=1), steps=7)
+    deep = global_batches(packed, make_ctx(tmp_path, micro_batch_size=1, grad_acc=4), steps=7)
+    assert all(torch.equal(a, b) for a, b in zip(wide, deep, strict=True))
+
+
+def test_windows_overlap_by_one_token_and_drop_the_short_tail(tmp_path):
+    stream = PackedStream(TOKENS, make_ctx(tmp_path, micro_batch_size=13, grad_acc=1),
+                          shuffle=False)
+    batch = stream.next_batch()
+    assert torch.equal(batch[:, 0], torch.arange(13) * 8)
+    assert torch.equal(batch[:-1, -1], batch[1:, 0])
+    assert int(batch.max()) == 8 * 13  # tokens after the last full window are never used
+
+
+def test_resume_continues_with_exactly_the_next_batch(tmp_path):
+    ctx = make_ctx(tmp_path, dp=2, dp_rank=1)
+    first = packed(ctx)
+    for _ in range(5):
+        first.next_batch()
+    state = first.state_dict()
+    assert all(isinstance(v, int) for v in state.values())
+    second = packed(ctx)
+    second.load_state_dict(state)
+    for _ in range(4):
+        assert torch.equal(first.next_batch(), second.next_batch())
+
+
+def test_epoch_rollover_reshuffles_and_logs(tmp_path, caplog):
+    stream = packed(make_ctx(tmp_path, micro_batch_size=1, grad_acc=1))
+    with caplog.at_level(logging.INFO, logger="meshtrain.data"):
+        epochs = [[stream.next_batch()[0, 0].item() // 8 for _ in range(13)] for _ in range(3)]
+    assert all(sorted(e) == list(range(13)) for e in epochs)  # each epoch sees every window once
+    assert epochs[0] != epochs[1]
+    assert "epoch 1 begins" in caplog.text and "epoch 2 begins" in caplog.text
+    assert stream.state_dict()["epoch"] == 3
+
+
+def test_synthetic_is_seeded_layout_free_and_resumable(tmp_path):
+    ctx = make_ctx(tmp_path, vocab_size=50, micro_batch_size=4, grad_acc=1)
+    one = global_batches(SyntheticStream, ctx, steps=3)
+    two = global_batches(SyntheticStream, dataclasses.replace(ctx, dp=2, micro_batch_size=2), 3)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    assert int(torch.cat(one).max()) < 50 and not torch.equal(one[0], one[1])
+    stream = SyntheticStream(ctx)
+    stream.next_batch()
+    resumed = SyntheticStream(ctx)
+    resumed.load_state_dict(stream.state_dict())
+    assert torch.equal(resumed.next_batch(), one[1])
+    source = meshtrain_data.data_sources()["synthetic"]
+    source.prepare({}, ctx)
+    assert torch.equal(source.open({}, ctx).next_batch(), one[0])
+
+
+@pytest.fixture(scope="module")
+def offline_run(tmp_path_factory):
+    """The default source prepared once (cold) with a model vocabulary smaller than its default."""
+    tmp = tmp_path_factory.mktemp("offline")
+    ctx = make_ctx(tmp, seq_len=64, micro_batch_size=8, grad_acc=1, vocab_size=1000)
+    start = time.perf_counter()
+    meshtrain_data.data_sources()["offline"].prepare({}, ctx)
+    return ctx, time.perf_counter() - start
+
+
+def test_offline_default_writes_a_loadable_tokenizer_within_the_model_vocab(offline_run):
+    from transformers import AutoTokenizer
+
+    ctx, seconds = offline_run
+    tokenizer = AutoTokenizer.from_pretrained(ctx.run_dir / "tokenizer")
+    assert len(tokenizer) <= ctx.vocab_size
+    assert tokenizer.eos_token == "<|endoftext|>"
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tokenizer.get_vocab())
+    batch = meshtrain_data.data_sources()["offline"].open({}, ctx).next_batch()
+    assert batch.shape == (8, 65) and int(batch.max()) < len(tokenizer)
+    text = tokenizer.decode(batch[0])
+    assert tokenizer(text, add_special_tokens=False)["input_ids"]  # real text round-trips
+    assert seconds < 45, f"cold offline prepare took {seconds:.1f} s"
+
+
+def test_offline_second_prepare_reuses_the_cached_tokenizer(offline_run, monkeypatch):
+    ctx, _ = offline_run
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(meshtrain_data.offline, "train_tokenizer", must_not_train)
+    meshtrain_data.data_sources()["offline"].prepare({}, ctx)
+    run2 = dataclasses.replace(ctx, run_dir=ctx.run_dir.parent / "run2")
+    meshtrain_data.data_sources()["offline"].prepare({}, run2)
+    assert (run2.run_dir / "tokenizer" / "tokenizer.json").read_text() == (
+        ctx.run_dir / "tokenizer" / "tokenizer.json").read_text()
+
+
+def test_loss_falls_on_the_offline_corpus(offline_run):
+    ctx, _ = offline_run
+    stream = meshtrain_data.data_sources()["offline"].open({}, ctx)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(ctx.vocab_size, 64),
+                                torch.nn.Linear(64, ctx.vocab_size))
+    optim = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        batch = stream.next_batch()
+        logits = model(batch[:, :-1])  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-10:]) < np.mean(losses[:5]) - 1.0, losses
+
+
+def test_offline_vocab_too_small_names_the_keys(tmp_path):
+    with pytest.raises(UserError, match=r"^data\.vocab_size: model\.vocab_size = 100 "):
+        meshtrain_data.data_sources()["offline"].prepare({}, make_ctx(tmp_path, vocab_size=100))

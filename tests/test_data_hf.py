@@ -1,0 +1,194 @@
+"""meshtrain_data `source = "hf"`: local txt/jsonl/parquet, caching, streaming, one-line errors.
+
+    PYTHONPATH=.:plugins pytest tests/test_data_hf.py
+"""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import meshtrain_data.packing  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from meshtrain_data.hf import HFSource  # noqa: E402
+from meshtrain_data.tokenizer import train_byte_level_bpe  # noqa: E402
+
+from meshtrain.contracts import DataContext  # noqa: E402
+from meshtrain.errors import UserError  # noqa: E402
+
+DOCS = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 3)
+        for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A tiny byte-level BPE (300 tokens) saved the Hugging Face way."""
+    folder = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_byte_level_bpe(iter(DOCS), 300).save_pretrained(str(folder))
+    return folder
+
+
+def make_ctx(tmp: Path, **kw) -> DataContext:
+    base = dict(seq_len=16, micro_batch_size=2, grad_acc=2, dp=1, dp_rank=0, seed=1,
+                vocab_size=1000, run_dir=tmp / "run", cache_dir=tmp / "cache")
+    return DataContext(**{**base, **kw})
+
+
+def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
+    path.write_text("".join(json.dumps({"id": i, column: d}) + "\n" for i, d in enumerate(docs)))
+    return path
+
+
+def write_dataset(tmp: Path, kind: str) -> tuple[Path, str]:
+    if kind == "txt":
+        path = tmp / "corpus.txt"
+        path.write_text("\n\n".join(DOCS))
+        return path, "text"
+    if kind == "jsonl":
+        return write_jsonl(tmp / "corpus.jsonl", DOCS, "body"), "body"
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp / "corpus.parquet"
+    pq.write_table(pa.table({"content": DOCS, "n": list(range(len(DOCS)))}), path)
+    return path, "content"
+
+
+def prepare_and_open(tmp: Path, options: dict, **ctx_kw) -> tuple[HFSource, DataContext, dict]:
+    ctx = make_ctx(tmp, **ctx_kw)
+    source = HFSource()
+    source.prepare(options, ctx)
+    return source, ctx, options
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
+def test_local_formats_pack_windows_of_seq_len_plus_one(tmp_path, tokenizer_dir, kind):
+    from transformers import AutoTokenizer
+
+    path, column = write_dataset(tmp_path, kind)
+    options = {"dataset": str(path), "text_column": column, "tokenizer": str(tokenizer_dir)}
+    source, ctx, _ = prepare_and_open(tmp_path, options)
+    batch = source.open(options, ctx).next_batch()
+    assert batch.shape == (4, 17) and batch.dtype == torch.long
+    saved = AutoTokenizer.from_pretrained(ctx.run_dir / "tokenizer")
+    assert len(saved) == 300 and int(batch.max()) < 300
+    assert "lazy dogs" in saved.decode(torch.cat(list(batch)))
+
+
+def test_glob_dp_slices_and_resume_through_the_source(tmp_path, tokenizer_dir):
+    write_jsonl(tmp_path / "a.jsonl", DOCS[:20])
+    write_jsonl(tmp_path / "b.jsonl", DOCS[20:])
+    options = {"dataset": str(tmp_path / "*.jsonl"), "tokenizer": str(tokenizer_dir)}
+    source, ctx, _ = prepare_and_open(tmp_path, options)
+    whole = source.open(options, ctx)
+    halves = [source.open(options, dataclasses.replace(ctx, dp=2, dp_rank=r, grad_acc=1))
+              for r in range(2)]
+    for _ in range(30):  # well past one epoch of this small corpus
+        assert torch.equal(whole.next_batch(), torch.cat([h.next_batch() for h in halves]))
+    resumed = source.open(options, ctx)
+    resumed.load_state_dict(json.loads(json.dumps(whole.state_dict())))
+    assert torch.equal(resumed.next_batch(), whole.next_batch())
+
+
+def test_second_prepare_reuses_the_token_cache(tmp_path, tokenizer_dir, monkeypatch):
+    path, column = write_dataset(tmp_path, "jsonl")
+    options = {"dataset": str(path), "text_column": column, "tokenizer": str(tokenizer_dir)}
+    source, ctx, _ = prepare_and_open(tmp_path, options)
+    first = source.open(options, ctx).next_batch()
+
+    def must_not_tokenize(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(meshtrain_data.packing, "encode_documents", must_not_tokenize)
+    source.prepare(options, ctx)
+    assert torch.equal(source.open(options, ctx).next_batch(), first)
+    assert len(list((ctx.cache_dir / "tokens").iterdir())) == 1
+
+
+def test_streaming_matches_the_packed_order_and_resumes(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    base = {"dataset": str(path), "tokenizer": str(tokenizer_dir), "shuffle": False}
+    source, ctx, _ = prepare_and_open(tmp_path / "packed", base)
+    packed = source.open(base, ctx)
+    stream_opts = {**base, "streaming": True}
+    source, sctx, _ = prepare_and_open(tmp_path / "stream", stream_opts)
+    streams = [source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=r, grad_acc=1))
+               for r in range(2)]
+    for _ in range(3):
+        assert torch.equal(packed.next_batch(), torch.cat([s.next_batch() for s in streams]))
+    resumed = source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=1, grad_acc=1))
+    resumed.load_state_dict(streams[1].state_dict())
+    assert torch.equal(resumed.next_batch(), streams[1].next_batch())
+
+
+def error_of(tmp: Path, options: dict, **ctx_kw) -> str:
+    with pytest.raises(UserError) as info:
+        HFSource().prepare(options, make_ctx(tmp, **ctx_kw))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_hub_id_while_offline_fails_fast_naming_the_key(tmp_path, tokenizer_dir):
+    start = time.perf_counter()
+    message = error_of(tmp_path, {"dataset": "someone/no-such-dataset",
+                                  "tokenizer": str(tokenizer_dir)})
+    assert time.perf_counter() - start < 5
+    assert message.startswith("data.dataset: 'someone/no-such-dataset'")
+    assert 'source = "offline"' in message
+
+
+def test_missing_file_names_the_key(tmp_path, tokenizer_dir):
+    message = error_of(tmp_path, {"dataset": str(tmp_path / "nope.jsonl"),
+                                  "tokenizer": str(tokenizer_dir)})
+    assert message.startswith("data.dataset: file not found:")
+
+
+def test_missing_column_names_the_available_ones(tmp_path, tokenizer_dir):
+    path, _ = write_dataset(tmp_path, "parquet")
+    message = error_of(tmp_path, {"dataset": str(path), "text_column": "body",
+                                  "tokenizer": str(tokenizer_dir)})
+    assert message.startswith("data.text_column: 'body' is not a column")
+    assert "(columns: content, n)" in message
+
+
+@pytest.mark.parametrize("content", ["", '{"text": ""}\n'])
+def test_empty_dataset_names_the_key(tmp_path, tokenizer_dir, content):
+    (tmp_path / "empty.jsonl").write_text(content)
+    message = error_of(tmp_path, {"dataset": str(tmp_path / "empty.jsonl"),
+                                  "tokenizer": str(tokenizer_dir)})
+    assert message.startswith("data.dataset: ")
+    assert "empty" in message or "no text" in message
+
+
+def test_dataset_shorter_than_one_window_names_seq_len(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "short.jsonl", ["hi"])
+    message = error_of(tmp_path, {"dataset": str(path), "tokenizer": str(tokenizer_dir)})
+    assert message.startswith("data.dataset: ") and "train.seq_len" in message
+
+
+def test_tokenizer_not_found_names_the_key(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    message = error_of(tmp_path, {"dataset": str(path), "tokenizer": str(tmp_path / "missing")})
+    assert message.startswith("data.tokenizer: folder not found")
+    message = error_of(tmp_path, {"dataset": str(path), "tokenizer": "someone/no-tokenizer"})
+    assert message.startswith("data.tokenizer: 'someone/no-tokenizer'")
+
+
+def test_vocab_larger_than_the_model_names_both_keys(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "d.jsonl", DOCS)
+    message = error_of(tmp_path, {"dataset": str(path), "tokenizer": str(tokenizer_dir)},
+                       vocab_size=256)
+    assert message.startswith("data.tokenizer: vocabulary of 300 tokens")
+    assert "model.vocab_size = 256" in message
+
+
+def test_unknown_key_is_reported_with_a_suggestion(tmp_path):
+    message = error_of(tmp_path, {"dataset": "x.jsonl", "text_colum": "body"})
+    assert message == "data.text_colum: unknown key (did you mean data.text_column?)"
