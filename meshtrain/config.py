@@ -167,14 +167,12 @@ def load_config(path: Path, overrides: list[str] = ()) -> Config:
     problems: list[str] = []
     for item in overrides:
         _apply_override(raw, item, path, problems)
-    if problems:
-        raise ConfigError(problems)
-    return config_from_raw(path, raw)
+    return config_from_raw(path, raw, problems)
 
 
-def config_from_raw(path: Path, raw: dict) -> Config:
+def config_from_raw(path: Path, raw: dict, problems: list[str] = ()) -> Config:
     """Check already merged tables (as saved in `Config.raw`) and build the Config."""
-    path, problems = Path(path), []
+    path, problems = Path(path), list(problems)
     sections: dict[str, Any] = {}
     for table, value in raw.items():
         if table not in SECTIONS:

@@ -51,10 +51,13 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
     where = str(config.path)
     problems: list[str] = []
     known = entry_point_names()
+    disable = [name for name in config.plugins.disable if isinstance(name, str)]
     for name in config.plugins.disable:
-        if name not in known:
+        if not isinstance(name, str):
+            problems.append(f"{where}: plugins.disable: expected plugin names, got {name!r}")
+        elif name not in known:
             problems.append(f"{where}: plugins.disable: no plugin {name!r}{suggest(name, known)}")
-    plugins = Plugins(config.plugins.disable, extra_plugins)
+    plugins = Plugins(disable, extra_plugins)
 
     def pick(hook: str, name: str, key: str) -> Any:
         try:

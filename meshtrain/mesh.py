@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from meshtrain.config import Config
+from meshtrain.errors import UserError
 
 AXES = ("dp", "pp", "tp")
 
@@ -54,6 +55,9 @@ def init_mesh(config: Config, device_type: str) -> Mesh:
         else:  # a world of one, in-process: same code path, no launcher
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
                                     timeout=timeout)
+    if dist.get_world_size() != config.world_size:
+        raise UserError(f"{config.path}: parallel.dp * parallel.pp * parallel.tp = "
+                        f"{config.world_size} but the world has {dist.get_world_size()} processes")
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())

@@ -103,8 +103,10 @@ def _collect(stages: list[nn.Module], ids: list[int], num_stages: int, mesh: Mes
 def _replicas(p: torch.Tensor, mesh: Mesh) -> int:
     sharded = set()
     if isinstance(p, DTensor):
+        # Not placement.is_shard(): FSDP2 + TP's _StridedShard answers False to it in torch 2.13.
         sharded = {axis for axis, placement in zip(p.device_mesh.mesh_dim_names, p.placements,
-                                                   strict=True) if placement.is_shard()}
+                                                   strict=True)
+                   if not (placement.is_replicate() or placement.is_partial())}
     return math.prod(mesh.size(axis) for axis in ("dp", "tp") if axis not in sharded)
 
 

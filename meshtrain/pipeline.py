@@ -39,7 +39,8 @@ def describe_stages(num_layers: int, num_stages: int) -> list[str]:
     lines = []
     for index, layers in enumerate(partition_layers(num_layers, num_stages)):
         parts = ["embedding"] if index == 0 else []
-        parts.append(f"layers {layers.start}-{layers.stop - 1}")
+        parts.append(f"layer {layers.start}" if len(layers) == 1
+                     else f"layers {layers.start}-{layers.stop - 1}")
         parts += ["norm + head"] if index == num_stages - 1 else []
         lines.append(f"stage {index}: {', '.join(parts)}")
     return lines

@@ -30,8 +30,9 @@ class LlamaStage(nn.Module):
         self.sequence_shards = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Token ids (B, T) are whole; hidden states (B, T, C) arrive as sequence shards under SP.
+        seq_len = x.shape[1] if self.first else x.shape[1] * self.sequence_shards
         h = self.model.embed_tokens(x) if self.first else x  # (B, T, C)
-        seq_len = h.shape[1] * (1 if self.first else self.sequence_shards)
         positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T)
         rotary = self.model.rotary_emb(h, positions)  # cos, sin: (1, T, head_dim)
         for layer in self.model.layers.values():

@@ -1,0 +1,20 @@
+# Shortcuts; CI runs .ci/run (a clean venv, then the README's test command).
+PYTHON ?= python
+
+.PHONY: test lint format bench parity
+
+test:
+	$(PYTHON) -m pytest -q -x
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+format:
+	$(PYTHON) -m ruff format .
+
+bench:
+	$(PYTHON) bench/run.py
+
+parity:
+	$(PYTHON) -m pytest -q -m parity

@@ -1,0 +1,181 @@
+"""The `meshtrain` command (also `python -m meshtrain`).
+
+    meshtrain run CONFIG [--set key=value ...]     train (starts dp*pp*tp workers)
+    meshtrain check CONFIG [--set key=value ...]   validate; print the config and the rank layout
+    meshtrain plugins                              installed plugins and what they provide
+    meshtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR a Hugging Face folder from a checkpoint
+
+A `UserError` exits with status 2 and one `error: ` line per problem (MESHTRAIN_DEBUG=1 re-raises
+it with the traceback). The tables that `check` and `plugins` produce are this command's output,
+so they go to stdout with print; diagnostics go through `logging`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshtrain import __version__
+from meshtrain.errors import UserError
+
+if TYPE_CHECKING:  # the heavy imports wait until a subcommand needs them
+    from meshtrain.job import Job
+    from meshtrain.layout import RankLayout
+
+MIB = 2**20
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the process exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits 2 on bad arguments
+    try:
+        return args.command(args)
+    except UserError as err:
+        if os.environ.get("MESHTRAIN_DEBUG", "") not in ("", "0"):
+            raise
+        for line in err.problems:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="meshtrain", description="Train LLMs with 3D parallelism (dp, pp, tp).")
+    parser.add_argument("--version", action="version", version=f"meshtrain {__version__}")
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    for name, command, text in [("run", cmd_run, "train a model from a TOML config"),
+                                ("check", cmd_check, "validate a config and print its layout")]:
+        one = sub.add_parser(name, help=text, description=text)
+        one.add_argument("config", type=Path, help="TOML config file")
+        one.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="KEY=VALUE", help="override a key, value parsed as TOML "
+                         "(e.g. --set parallel.tp=2); repeatable")
+        one.set_defaults(command=command)
+    one = sub.add_parser("plugins", help="list installed plugins and the names they provide")
+    one.set_defaults(command=cmd_plugins)
+    one = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
+    one.add_argument("source", type=Path, help="run directory or checkpoint folder")
+    one.add_argument("out", type=Path, help="output folder")
+    one.set_defaults(command=cmd_export)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from meshtrain.config import load_config
+    from meshtrain.job import resolve_job
+    from meshtrain.launch import launch  # the heavy part; `check` works without it
+
+    job = resolve_job(load_config(args.config, args.overrides))
+    return int(launch(job) or 0)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from meshtrain.config import load_config
+    from meshtrain.job import resolve_job
+    from meshtrain.layout import build_layout
+
+    job = resolve_job(load_config(args.config, args.overrides))
+    print(format_config(job))
+    print(format_layout(job, build_layout(job)))
+    for warning in job.warnings:
+        print(f"warning: {warning}")
+    print(f"ok: {args.config} is valid")
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from meshtrain.plugins import CATALOGS, Plugins
+
+    infos = Plugins().describe()
+    for info in infos:
+        print(f"{info.name}  ({info.distribution} {info.version})")
+        print(f"  hooks: {', '.join(info.hooks) or '-'}")
+        for hook, names in info.provides.items():
+            print(f"  {CATALOGS[hook]}: {', '.join(names)}")
+    if not infos:
+        print("no plugins installed")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from meshtrain.export import export_checkpoint
+
+    export_checkpoint(Path(args.source), Path(args.out))
+    return 0
+
+
+def format_config(job: Job) -> str:
+    """The resolved config as TOML: every section with defaults filled in."""
+    from meshtrain.config import OPEN_SECTIONS, SECTIONS
+
+    config, lines = job.config, [f"# resolved config: {job.config.path}"]
+    for table in SECTIONS:
+        section = getattr(config, table)
+        lines.append(f"\n[{table}]")
+        for item in dataclasses.fields(section):
+            if item.name == "options" and table in OPEN_SECTIONS:
+                continue
+            lines.append(f"{item.name} = {toml_value(getattr(section, item.name))}")
+        if table == "model":
+            lines += [f"{k} = {toml_value(v)}" for k, v in config.model.options.items()]
+        if table == "data" and dataclasses.is_dataclass(job.data_options):
+            lines += [f"{item.name} = {toml_value(getattr(job.data_options, item.name))}"
+                      for item in dataclasses.fields(job.data_options)]
+    return "\n".join(lines)
+
+
+def toml_value(value: Any) -> str:
+    """`value` written as a TOML value."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }"
+    return json.dumps(str(value))
+
+
+def format_layout(job: Job, rows: list[RankLayout]) -> str:
+    """The mesh, the stage/layer table and one line per rank."""
+    from meshtrain.layout import count_parameters
+    from meshtrain.pipeline import describe_stages
+
+    par, shape = job.config.parallel, job.shape
+    world, stages = job.config.world_size, job.num_stages
+    lines = [f"\n# layout: {world} rank{'s' * (world > 1)} = dp {par.dp} x pp {par.pp} x tp "
+             f"{par.tp} (rank = (dp*{par.pp} + pp)*{par.tp} + tp), "
+             f"schedule {job.config.pipeline.schedule}, {stages} stage{'s' * (stages > 1)}",
+             f"model: {count_parameters(job):,} parameters, {shape.num_layers} layers",
+             *describe_stages(shape.num_layers, stages), ""]
+    header = (f"{'rank':>4}  {'(dp, pp, tp)':<12}  {'stage':<5}  {'layers':<10}  {'params':>13}"
+              f"  {'state':>7}  {'activ':>7}  {'logits':>7}  {'total MiB':>9}")
+    lines += [header, "-" * len(header), *map(_rank_line, rows)]
+    lines += ["", "params: stored on each rank (weights in the tp plan / tp"
+              + (", everything / dp for parallel.dp_shard)." if par.dp_shard else ")."),
+              "memory (estimate): state = fp32 params + grads + AdamW moments; activ = fp32",
+              "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
+              "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py)."]
+    return "\n".join(lines)
+
+
+def _rank_line(row: RankLayout) -> str:
+    mem, layers = row.memory, ", ".join(_span(r) for r in row.layers)
+    return (f"{row.rank:>4}  {f'({row.dp}, {row.pp}, {row.tp})':<12}  "
+            f"{','.join(map(str, row.stages)):<5}  {layers:<10}  {row.params:>13,}  "
+            f"{mem.state / MIB:>7,.0f}  {mem.activations / MIB:>7,.0f}  "
+            f"{mem.logits / MIB:>7,.0f}  {mem.total / MIB:>9,.0f}")
+
+
+def _span(layers: range) -> str:
+    last = layers.stop - 1
+    return str(last) if layers.start == last else f"{layers.start}-{last}"

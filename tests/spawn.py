@@ -1,0 +1,51 @@
+"""Run several training configs inside one spawned gloo world, so a test pays process start-up
+once per world size instead of once per layout.
+
+    results = run_world(4, [(config, ["parallel.dp=2", ...]), ...], tmp_path)
+    results[i] = per-step metrics of run i (rank 0's view; every rank sees the same numbers)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_world(world: int, runs: list[tuple[str, list[str]]], out: Path) -> list[list[dict]]:
+    """Train each (config, overrides) in turn in one world of `world` processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = out / f"world{world}.json"
+    mp.start_processes(_worker, args=(world, port, runs, str(result)), nprocs=world,
+                       start_method="spawn", join=True)
+    return json.loads(result.read_text())
+
+
+def _worker(rank: int, world: int, port: int, runs: list, result: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("MESHTRAIN_PEAK_FLOPS", "1e11")
+    torch.set_num_threads(1)
+    from meshtrain.config import load_config
+    from meshtrain.job import resolve_job
+    from meshtrain.launch import prepare
+    from meshtrain.train import run_worker
+
+    dist.init_process_group("gloo")
+    histories = []
+    for path, overrides in runs:
+        job = resolve_job(load_config(Path(path), overrides))
+        if rank == 0:
+            prepare(job)
+        dist.barrier()
+        histories.append(run_worker(job))
+    if rank == 0:
+        Path(result).write_text(json.dumps(histories))
+    dist.destroy_process_group()
