@@ -234,7 +234,8 @@ def _check_value(value: Any, kind: Any, meta: Any) -> str:
         return f"expected {names[kind]}, got {value!r}"
     choices = meta.get("choices") or ()
     if choices and value not in choices:
-        return f"{value!r} is not one of {', '.join(map(repr, choices))}{suggest(str(value), choices)}"
+        hint = suggest(str(value), choices)
+        return f"{value!r} is not one of {', '.join(map(repr, choices))}{hint}"
     low = meta.get("min")
     if low is not None and value < low:
         return f"{value!r} is out of range (must be >= {low:g})"

@@ -19,14 +19,15 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
+from meshtrain.tensor_parallel import VocabParallelEmbedding
+
 
 def build_tp_plan(stage: nn.Module, *, sequence_parallel: bool) -> dict[str, Any]:
     # Under sequence parallel, activations between blocks are sharded over the sequence (dim 1).
     between = Shard(1) if sequence_parallel else Replicate()
     plan: dict[str, Any] = {}
     if stage.first:
-        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(),
-                                                     output_layouts=between)
+        plan["model.embed_tokens"] = VocabParallelEmbedding(output_layout=between)
     for name in stage.model.layers:
         prefix = f"model.layers.{name}"
         plan.update({
