@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 import shutil
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +22,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    StorageMeta,
+    TensorStorageMetadata,
+)
 
 from meshtrain.config import Config
 from meshtrain.errors import UserError
@@ -61,13 +68,34 @@ def check_resume(job: Job) -> Path | None:
     path = find_resume(job.config)
     if path is None:
         return None
-    saved = json.loads((path / META).read_text()).get("shape")
+    meta = read_meta(path, f"{job.config.path}: checkpoint.resume")
+    if meta.get("family") != job.config.model.family:
+        raise UserError(f"{job.config.path}: checkpoint.resume: {path} holds a "
+                        f"{meta.get('family')!r} model, the config trains "
+                        f"{job.config.model.family!r} (model.family)")
+    saved = meta.get("shape")
     if saved != asdict(job.shape):
         diff = ", ".join(f"{k} {saved.get(k)} vs {v}" for k, v in asdict(job.shape).items()
                          if saved and saved.get(k) != v) or "no shape recorded"
         raise UserError(f"{job.config.path}: checkpoint.resume: {path} holds a different model "
                         f"({diff}); use checkpoint.resume = \"never\" or another run.dir")
     return path
+
+
+def read_meta(path: Path, where: str) -> dict[str, Any]:
+    """A checkpoint's meta.json; UserError naming `where` and the path when it is unreadable."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, ValueError) as err:
+        raise UserError(f"{where}: {path / META} is unreadable ({err})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{where}: {path / META} is not a meshtrain checkpoint description")
+    return meta
+
+
+def layout_of(config: Config) -> list:
+    par = config.parallel
+    return [par.dp, par.pp, par.tp, bool(par.dp_shard and par.dp > 1)]
 
 
 def save(t: Trainer) -> Path:
@@ -86,7 +114,7 @@ def save(t: Trainer) -> Path:
     if rank == 0:
         meta = {"step": t.step, "lr_schedule": t.lr_schedule.state_dict(),
                 "shape": asdict(t.job.shape), "config": cfg.raw, "world": t.mesh.world,
-                "family": cfg.model.family}
+                "layout": layout_of(cfg), "family": cfg.model.family}
         (partial / META).write_text(json.dumps(meta, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a restart
         partial.rename(final)
@@ -99,17 +127,78 @@ def save(t: Trainer) -> Path:
 def load(t: Trainer, path: Path) -> None:
     """Restore model, optimizer, LR schedule, step, data position and RNG from `path`."""
     _init_optimizer_state(t.optimizer)
-    dcp.load(_tensors(t, with_copies=True), checkpoint_id=path)
-    meta = json.loads((path / META).read_text())
-    t.step = meta["step"]
-    t.lr_schedule.load_state_dict(meta["lr_schedule"])
+    try:
+        dcp.load(_tensors(t, with_copies=True), storage_reader=SafeReader(path))
+    except UserError:
+        raise
+    except Exception as err:  # a missing key or a shape mismatch: another model
+        raise UserError(f"checkpoint.resume: {path} does not fit this model "
+                        f"({str(err).strip().splitlines()[-1][:300]})") from err
+    meta = read_meta(path, "checkpoint.resume")
+    t.step = int(meta["step"])
+    _restore_lr_schedule(t.lr_schedule, t.step)
     own = path / f"rank{t.mesh.rank}.pt"
-    same_layout = meta.get("world") == t.mesh.world and own.is_file()
+    same_layout = meta.get("layout") == layout_of(t.job.config) and own.is_file()
+    # Another layout: the data position is global (every dp rank resumes from it); rank 0's RNG.
     extra = torch.load(own if same_layout else path / "rank0.pt", weights_only=True)
     t.data.load_state_dict(extra["data"])
     torch.set_rng_state(extra["rng"])
     if t.mesh.rank == 0:
         log.info("resumed from %s at step %d", path, t.step)
+
+
+def _restore_lr_schedule(schedule: Any, step: int) -> None:
+    """Put the schedule (and the optimizer's lr, which its state_dict does not hold) at `step`.
+
+    Only the step is restored, not the saved state_dict: its per-group lists are as long as the
+    saving layout's parameter groups, which differ between layouts."""
+    schedule.last_epoch = step - 1
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        schedule.step()  # sets every group's lr to base_lr * factor(step), as training would
+
+
+class SafeReader(dcp.FileSystemReader):
+    """DCP's reader, except that `.metadata` is unpickled with an allowlist of DCP's own classes
+    (FileSystemReader uses plain pickle.load) and only tensor entries are accepted (a bytes entry
+    would be read with torch.load(weights_only=False)). Tensors are read with weights_only=True."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = Path(self.path) / ".metadata"
+        try:
+            with open(path, "rb") as handle:
+                metadata = _MetadataUnpickler(handle).load()
+        except OSError as err:
+            raise UserError(f"checkpoint {self.path}: cannot read {path} ({err})") from None
+        except pickle.UnpicklingError as err:
+            raise UserError(f"checkpoint {self.path}: {path}: {err}") from None
+        if not isinstance(metadata, Metadata):
+            raise UserError(f"checkpoint {self.path}: {path} is not DCP metadata")
+        for key, item in metadata.state_dict_metadata.items():
+            if not isinstance(item, TensorStorageMetadata):
+                raise UserError(f"checkpoint {self.path}: entry {key!r} is not a tensor; "
+                                "meshtrain only loads tensors")
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+_SAFE_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = (module, name) in _SAFE_GLOBALS or (
+            module == "torch.distributed.checkpoint.metadata" and not name.startswith("__")) or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        if not allowed:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
 
 
 def _tensors(t: Trainer, with_copies: bool = False) -> dict[str, Any]:

@@ -23,9 +23,11 @@ def build_optimizer(params: list[torch.nn.Parameter], train: TrainSection) -> Ad
     groups: dict[tuple[bool, bool], list] = {}
     for p in params:
         groups.setdefault((isinstance(p, DTensor), p.ndim >= 2), []).append(p)
+    # fused: one kernel per group and no foreach temporaries (a full copy of the parameters
+    # each), which were gigabytes of peak memory in the 8-worker reference run.
     return AdamW([{"params": ps, "weight_decay": train.weight_decay if decay else 0.0}
                   for (_, decay), ps in sorted(groups.items())],
-                 lr=train.lr, betas=(0.9, 0.95), eps=1e-8)
+                 lr=train.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
 
 def build_lr_schedule(optimizer: AdamW, train: TrainSection) -> LambdaLR:

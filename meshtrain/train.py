@@ -105,24 +105,14 @@ def build_trainer(job: Job) -> Trainer:
 def train_step(t: Trainer) -> dict:
     """One optimizer step; returns its global metrics (the same on every rank)."""
     cfg, mesh, model = t.job.config, t.mesh, t.model
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     loss, tokens = t.stepper.run(t.data.next_batch())
     align_grad_placements(model.params)
     if not (cfg.parallel.dp_shard and mesh.size("dp") > 1):
         all_reduce_grads(model.params, mesh.group("dp"), mesh.size("dp"))
     sync_tied_grads(model.tied, mesh.tied_group)
-    # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
-    reporter = model.last and mesh.tp_rank == 0
-    loss_share = loss.double() / mesh.size("dp") if reporter else torch.zeros((),
-                                                                               dtype=torch.float64)
-    stats = torch.stack([loss_share.to(mesh.device),
-                         weighted_square_norm(model.params, model.norm_weights).to(mesh.device),
-                         torch.tensor(peak_rss_gib(), dtype=torch.float64, device=mesh.device)])
-    dist.all_reduce(stats)
-    peak = torch.tensor(peak_rss_gib(), device=mesh.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    grad_norm = math.sqrt(float(stats[1]))
-    clip_grads(model.params, grad_norm, cfg.train.grad_clip)
+    stats = _global_stats(t, loss, cpu_start)
+    clip_grads(model.params, stats["grad_norm"], cfg.train.grad_clip)
     lr = t.lr_schedule.get_last_lr()[0]
     t.optimizer.step()
     t.lr_schedule.step()
@@ -130,10 +120,29 @@ def train_step(t: Trainer) -> dict:
     t.step += 1
     elapsed = time.perf_counter() - start
     flops = t.job.family.flops_per_token(t.job.model_config, cfg.train.seq_len) * tokens
-    return {"step": t.step, "loss": float(stats[0]), "grad_norm": grad_norm, "lr": lr,
+    return {"step": t.step, "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": lr,
             "tokens": tokens, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-            "mfu": flops / elapsed / t.peak_flops, "peak_mem_total_gib": float(stats[2]),
-            "peak_mem_max_rank_gib": float(peak)}
+            "mfu": flops / elapsed / t.peak_flops, **stats["memory"], "cpu_s": stats["cpu_s"]}
+
+
+def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
+    """Loss, gradient norm, memory and CPU time over the world, in two all-reduces."""
+    mesh, model = t.mesh, t.model
+    # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
+    reporter = model.last and mesh.tp_rank == 0
+    share = float(loss) / mesh.size("dp") if reporter else 0.0
+    square = weighted_square_norm(model.params, model.norm_weights).to(mesh.device)
+    rss = peak_rss_gib()
+    local = torch.tensor([share, 0.0, rss, time.process_time() - cpu_start],
+                         dtype=torch.float64, device=mesh.device)
+    local[1] = square
+    dist.all_reduce(local)
+    peak = torch.tensor(rss, device=mesh.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return {"loss": float(local[0]), "grad_norm": math.sqrt(float(local[1])),
+            "cpu_s": float(local[3]),
+            "memory": {"peak_mem_total_gib": float(local[2]),
+                       "peak_mem_max_rank_gib": float(peak)}}
 
 
 def data_context(job: Job, dp_rank: int) -> DataContext:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from meshtrain.errors import UserError
-from meshtrain_data.hub import hub_offline, looks_like_hub_id, offline_error, require_hub
+from meshtrain.hub import hub_offline, looks_like_hub_id, offline_error, require_hub
 
 KEY = "data.tokenizer"
 EOS = "<|endoftext|>"

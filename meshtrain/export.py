@@ -1,0 +1,116 @@
+"""`meshtrain export`: a consolidated Hugging Face folder from a native (DCP) checkpoint.
+
+    meshtrain export runs/tiny_cpu OUT_DIR                         # newest complete checkpoint
+    meshtrain export runs/tiny_cpu/checkpoints/step_00000010 OUT_DIR
+
+One process, no process group: the full model is built on CPU from the config saved with the
+checkpoint, its tensors are read from every rank's shards (DCP reshards to one), and
+`save_pretrained` writes config.json, generation_config.json and safetensors weights (sharded when
+large); the run's tokenizer (`<run.dir>/tokenizer/`) is copied along. The folder appears only once
+complete, and an existing non-empty OUT_DIR is never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from meshtrain.checkpoint import META, SafeReader, is_complete, read_meta
+from meshtrain.config import config_from_raw
+from meshtrain.errors import UserError
+
+log = logging.getLogger("meshtrain")
+
+
+def export_checkpoint(source: Path, out: Path, max_shard_size: str = "2GB") -> Path:
+    """Write the Hugging Face folder `out` from `source` (a run dir or a checkpoint folder)."""
+    source, out = Path(source), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export: {out} already exists and is not empty; choose a new OUT_DIR "
+                        "(nothing was overwritten)")
+    path = resolve_checkpoint(source)
+    model = load_full_model(path)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        tokenizer = path.parent.parent / "tokenizer"
+        if tokenizer.is_dir():
+            shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("exported %s -> %s", path, out)
+    return out
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """The checkpoint folder `source` names: itself, or a run dir's newest complete checkpoint."""
+    if not source.exists():
+        raise UserError(f"export: {source} does not exist (expected a run dir or a checkpoint)")
+    if (source / META).is_file():
+        if not is_complete(source):
+            raise UserError(f"export: {source} is an unfinished checkpoint (being written or "
+                            "killed); use a step_* folder")
+        return source
+    root = source / "checkpoints"
+    if root.is_dir():
+        done = sorted(p for p in root.glob("step_*") if is_complete(p))
+        if not done:
+            raise UserError(f"export: {source} has no complete checkpoint in {root} "
+                            "(set checkpoint.every to save some)")
+        return done[-1]
+    if source.name.startswith(("step_", ".step_")):
+        raise UserError(f"export: {source} is an incomplete checkpoint (no {META})")
+    raise UserError(f"export: {source} is not a meshtrain run dir (no checkpoints/ folder) "
+                    f"or checkpoint (no {META})")
+
+
+def load_full_model(path: Path) -> nn.Module:
+    """The whole model on CPU (fp32) with the weights of checkpoint `path`."""
+    family, model_config = _family_and_config(path)
+    with torch.device("meta"):
+        model = family.build(model_config)
+    model.to_empty(device="cpu")
+    family.init_buffers(model)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    copies = {copy for _, copy in family.tied_parameters(model_config)}
+    params = {name: p.data for name, p in model.named_parameters(remove_duplicate=False)
+              if name not in copies}
+    try:
+        dcp.load({"model": params}, storage_reader=SafeReader(path), no_dist=True)
+    except UserError:
+        raise
+    except Exception as err:  # a missing key or another shape: not this model's checkpoint
+        raise UserError(f"export: {path} does not match the model in its {META} "
+                        f"({str(err).strip().splitlines()[-1][:300]})") from err
+    return model.eval()
+
+
+def _family_and_config(path: Path) -> tuple[Any, Any]:
+    from meshtrain.plugins import Plugins
+
+    where = f"{path / META}"
+    meta = read_meta(path, "export")
+    if not isinstance(meta.get("config"), dict):
+        raise UserError(f"export: {where} holds no config")
+    config = config_from_raw(path / META, meta["config"])
+    family = Plugins(config.plugins.disable).get("model_families", config.model.family,
+                                                 f"{where}: model.family")
+    model_config, problems = family.parse_config(
+        config.model.options, name=config.model.name or None,
+        trust_remote_code=config.model.trust_remote_code, where=f"{where}: model")
+    if problems:
+        raise UserError(problems)
+    return family, model_config
