@@ -12,7 +12,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils._pytree import tree_flatten
 
 
 def apply_fsdp(stage: nn.Module, dp_mesh: DeviceMesh) -> None:
@@ -48,9 +47,3 @@ def all_reduce_grads(params: list[nn.Parameter], group: dist.ProcessGroup, world
     for g in locals_:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
-
-
-def local_tensors(tensors: list) -> list[torch.Tensor]:
-    """Local shards of (possibly) DTensors."""
-    flat, _ = tree_flatten(tensors)
-    return [t.to_local() if isinstance(t, DTensor) else t for t in flat]

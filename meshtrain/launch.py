@@ -38,6 +38,10 @@ def launch(job: Job) -> int:
             raise UserError(f"{cfg.path}: parallel.dp * parallel.pp * parallel.tp = "
                             f"{cfg.world_size} but the launcher started WORLD_SIZE={world} "
                             "processes; change the degrees or --nproc-per-node")
+        if cfg.run.max_restarts and int(os.environ["RANK"]) == 0:
+            log.warning("run.max_restarts applies to meshtrain's own launcher; under torchrun "
+                        "pass --max-restarts to torchrun")
+        # Local rank 0 of each node prepares; the others wait in init_process_group meanwhile.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             prepare(job)
         return _worker_main(str(cfg.path), cfg.raw)
@@ -64,6 +68,9 @@ def _launch_local(job: Job) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 8 workers x 2 threads on 2 cores: 10x slower
     for key, value in WORKER_ENV.items():
         os.environ.setdefault(key, value)
+    # Workers sharing the agent's TCPStore read the previous attempt's peer addresses after a
+    # restart (pytorch/pytorch#135712: gloo "Connection refused"); a fresh store per attempt.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if job.device_type == "cpu" and PEAK_ENV not in os.environ:
         os.environ[PEAK_ENV] = str(measure_peak_flops(torch.device("cpu")))
     config = LaunchConfig(
