@@ -158,12 +158,15 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
              f"model: {count_parameters(job):,} parameters, {shape.num_layers} layers",
              *describe_stages(shape.num_layers, stages), ""]
     header = (f"{'rank':>4}  {'(dp, pp, tp)':<12}  {'stage':<5}  {'layers':<10}  {'params':>13}"
-              f"  {'state':>7}  {'activ':>7}  {'logits':>7}  {'total MiB':>9}")
+              f"  {'state':>7}  {'activ':>7}  {'logits':>7}  {'working':>7}  {'total MiB':>9}")
     lines += [header, "-" * len(header), *map(_rank_line, rows)]
+    total = sum(row.memory.total for row in rows)
+    lines.append(f"estimated peak memory of all {world} ranks together: {total / 2**30:.1f} GiB")
     lines += ["", "params: stored on each rank (weights in the tp plan / tp"
               + (", everything / dp for parallel.dp_shard)." if par.dp_shard else ")."),
               "memory (estimate): state = fp32 params + grads + AdamW moments; activ = fp32",
               "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
+              "working = gathered weights and unsharded gradients (FSDP) or the all-reduce buffer;",
               "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py)."]
     return "\n".join(lines)
 
@@ -173,7 +176,7 @@ def _rank_line(row: RankLayout) -> str:
     return (f"{row.rank:>4}  {f'({row.dp}, {row.pp}, {row.tp})':<12}  "
             f"{','.join(map(str, row.stages)):<5}  {layers:<10}  {row.params:>13,}  "
             f"{mem.state / MIB:>7,.0f}  {mem.activations / MIB:>7,.0f}  "
-            f"{mem.logits / MIB:>7,.0f}  {mem.total / MIB:>9,.0f}")
+            f"{mem.logits / MIB:>7,.0f}  {mem.working / MIB:>7,.0f}  {mem.total / MIB:>9,.0f}")
 
 
 def _span(layers: range) -> str:

@@ -35,11 +35,15 @@ class MemoryEstimate:
     state: int
     activations: int
     logits: int
+    working: int
+    """Transient full-size copies: with dp_shard, the gathered weights and unsharded gradients of
+    the root unit (embedding/head) and of up to 3 blocks (current, prefetched, reducing);
+    replicated, the flat gradient buffer of the dp all-reduce."""
     baseline: int
 
     @property
     def total(self) -> int:
-        return self.state + self.activations + self.logits + self.baseline
+        return self.state + self.activations + self.logits + self.working + self.baseline
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +98,8 @@ def _pp_rank_summary(job: Job, model: nn.Module, pp_i: int) -> tuple:
     ranges = partition_layers(shape.num_layers, job.num_stages)
     params = local_parameters(job, stages)
     last = job.num_stages - 1 in ids
-    memory = estimate_memory(job, params, sum(len(ranges[i]) for i in ids), pp_i, last=last)
+    memory = estimate_memory(job, params, sum(len(ranges[i]) for i in ids), pp_i, last=last,
+                             working=_working_params(job, stages, params))
     return ids, [ranges[i] for i in ids], params, memory
 
 
@@ -102,24 +107,45 @@ def local_parameters(job: Job, stages: list[nn.Module]) -> int:
     """Parameters one rank stores for `stages`: weights in the tp plan divided by tp (2D weights
     are split; norms stay replicated), everything divided by dp under parallel.dp_shard."""
     par = job.config.parallel
+    everything = [p for stage in stages for p in stage.parameters()]
+    return _count(everything, _tp_sharded(job, stages), par.tp,
+                  par.dp if par.dp_shard else 1)
+
+
+def _tp_sharded(job: Job, stages: list[nn.Module]) -> set[int]:
+    """ids of the parameters the tp plan splits."""
     sharded: set[int] = set()
     for stage in stages:
-        plan = job.family.tp_plan(stage, sequence_parallel=par.sequence_parallel)
+        plan = job.family.tp_plan(stage, sequence_parallel=job.config.parallel.sequence_parallel)
         for path in plan:
             module = stage.get_submodule(path)
             sharded.update(id(p) for p in module.parameters(recurse=False) if p.dim() == 2)
-    seen: dict[int, nn.Parameter] = {}
-    for stage in stages:
-        seen.update((id(p), p) for p in stage.parameters())
-    total = 0
-    for key, param in seen.items():
-        count = _ceil_div(param.numel(), par.tp) if key in sharded else param.numel()
-        total += _ceil_div(count, par.dp) if par.dp_shard else count
-    return total
+    return sharded
+
+
+def _count(params, sharded: set[int], tp: int, dp: int) -> int:
+    """Elements per rank of the distinct `params`, split over tp where sharded and over dp."""
+    unique = {id(p): p for p in params}
+    return sum(_ceil_div(_ceil_div(p.numel(), tp) if key in sharded else p.numel(), dp)
+               for key, p in unique.items())
+
+
+def _working_params(job: Job, stages: list[nn.Module], params: int) -> int:
+    """Parameters' worth of transient full copies (see MemoryEstimate.working)."""
+    par = job.config.parallel
+    if not (par.dp_shard and par.dp > 1):
+        return params if par.dp > 1 else 0
+    sharded = _tp_sharded(job, stages)
+    blocks = [b for stage in stages for m in stage.modules()
+              if isinstance(m, nn.ModuleList | nn.ModuleDict) for b in m.children()]
+    sizes = [_count(b.parameters(), sharded, par.tp, 1) for b in blocks]
+    everything = [p for stage in stages for p in stage.parameters()]
+    root = _count(everything, sharded, par.tp, 1) - sum(sizes)
+    return 2 * root + 3 * max(sizes, default=0)
 
 
 def estimate_memory(job: Job, params: int, num_layers: int, pp_i: int, *,
-                    last: bool) -> MemoryEstimate:
+                    last: bool, working: int = 0) -> MemoryEstimate:
     """Peak bytes on one rank of pp rank `pp_i` holding `num_layers` layers and `params`.
 
     Activations kept for backward, per token and layer, in fp32 floats (no recomputation):
@@ -140,7 +166,8 @@ def estimate_memory(job: Job, params: int, num_layers: int, pp_i: int, *,
     activations = int(tokens * num_layers * (replicated + split) * BYTES_FP32 * in_flight)
     logits = tokens * shape.vocab_size // par.tp * BYTES_FP32 * LOGITS_COPIES if last else 0
     return MemoryEstimate(state=params * STATE_BYTES_PER_PARAM, activations=activations,
-                          logits=logits, baseline=WORKER_BASELINE_BYTES)
+                          logits=logits, working=working * BYTES_FP32,
+                          baseline=WORKER_BASELINE_BYTES)
 
 
 def _ceil_div(a: int, b: int) -> int:
