@@ -34,7 +34,9 @@ class LlamaFamily:
 
     def parse_config(self, options: Mapping[str, Any], *, name: str | None,
                      trust_remote_code: bool, where: str) -> tuple[Any, list[str]]:
-        problems = [f"{where}.{key}: unknown key{suggest(key, _KEYS)}"
+        section = where.rsplit(": ", 1)[-1]
+        problems = [f"{where}.{key}: unknown key"
+                    + suggest(key, _KEYS).replace("mean ", f"mean {section}.")
                     for key in options if key not in _KEYS]
         problems += [_type_problem(where, key, value) for key, value in options.items()
                      if key in _KEYS and _type_problem(where, key, value)]
