@@ -24,8 +24,19 @@ PEAK_ENV = "MESHTRAIN_PEAK_FLOPS"
 
 def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
                        seconds: float = 0.5) -> float:
-    """Dense matmul FLOP/s of this process on `device` with its current thread count."""
-    n = 1024 if device.type == "cpu" else 8192
+    """Dense matmul FLOP/s on `device`; on a CPU with every core (the machine's peak, which all
+    local workers share)."""
+    if device.type == "cpu":
+        threads = torch.get_num_threads()
+        torch.set_num_threads(os.cpu_count() or 1)
+        try:
+            return _matmul_flops(device, dtype, 1024, seconds)
+        finally:
+            torch.set_num_threads(threads)
+    return _matmul_flops(device, dtype, 8192, seconds)
+
+
+def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
