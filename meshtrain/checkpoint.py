@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     Metadata,
     StorageMeta,
@@ -58,8 +59,10 @@ def find_resume(config: Config) -> Path | None:
         return done[-1] if done else None
     path = Path(mode)
     if not is_complete(path):
-        raise UserError(f"{config.path}: checkpoint.resume: {path} is not a complete meshtrain "
-                        f"checkpoint (no {META}); use a step_* folder under <run.dir>/checkpoints")
+        raise UserError(
+            f"{config.path}: checkpoint.resume: {path} is not a complete meshtrain "
+            f"checkpoint (no {META}); use a step_* folder under <run.dir>/checkpoints"
+        )
     return path
 
 
@@ -70,15 +73,25 @@ def check_resume(job: Job) -> Path | None:
         return None
     meta = read_meta(path, f"{job.config.path}: checkpoint.resume")
     if meta.get("family") != job.config.model.family:
-        raise UserError(f"{job.config.path}: checkpoint.resume: {path} holds a "
-                        f"{meta.get('family')!r} model, the config trains "
-                        f"{job.config.model.family!r} (model.family)")
+        raise UserError(
+            f"{job.config.path}: checkpoint.resume: {path} holds a "
+            f"{meta.get('family')!r} model, the config trains "
+            f"{job.config.model.family!r} (model.family)"
+        )
     saved = meta.get("shape")
     if saved != asdict(job.shape):
-        diff = ", ".join(f"{k} {saved.get(k)} vs {v}" for k, v in asdict(job.shape).items()
-                         if saved and saved.get(k) != v) or "no shape recorded"
-        raise UserError(f"{job.config.path}: checkpoint.resume: {path} holds a different model "
-                        f"({diff}); use checkpoint.resume = \"never\" or another run.dir")
+        diff = (
+            ", ".join(
+                f"{k} {saved.get(k)} vs {v}"
+                for k, v in asdict(job.shape).items()
+                if saved and saved.get(k) != v
+            )
+            or "no shape recorded"
+        )
+        raise UserError(
+            f"{job.config.path}: checkpoint.resume: {path} holds a different model "
+            f'({diff}); use checkpoint.resume = "never" or another run.dir'
+        )
     return path
 
 
@@ -108,13 +121,20 @@ def save(t: Trainer) -> Path:
         partial.mkdir(parents=True)
     dist.barrier()
     dcp.save(_tensors(t), checkpoint_id=partial)
-    torch.save({"rng": torch.get_rng_state(), "data": t.data.state_dict()},
-               partial / f"rank{rank}.pt")
+    torch.save(
+        {"rng": torch.get_rng_state(), "data": t.data.state_dict()}, partial / f"rank{rank}.pt"
+    )
     dist.barrier()
     if rank == 0:
-        meta = {"step": t.step, "lr_schedule": t.lr_schedule.state_dict(),
-                "shape": asdict(t.job.shape), "config": cfg.raw, "world": t.mesh.world,
-                "layout": layout_of(cfg), "family": cfg.model.family}
+        meta = {
+            "step": t.step,
+            "lr_schedule": t.lr_schedule.state_dict(),
+            "shape": asdict(t.job.shape),
+            "config": cfg.raw,
+            "world": t.mesh.world,
+            "layout": layout_of(cfg),
+            "family": cfg.model.family,
+        }
         (partial / META).write_text(json.dumps(meta, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a restart
         partial.rename(final)
@@ -127,16 +147,10 @@ def save(t: Trainer) -> Path:
 def load(t: Trainer, path: Path) -> None:
     """Restore model, optimizer, LR schedule, step, data position and RNG from `path`."""
     _init_optimizer_state(t.optimizer)
-    try:
-        dcp.load(_tensors(t, with_copies=True), storage_reader=SafeReader(path))
-    except UserError:
-        raise
-    except Exception as err:  # a missing key or a shape mismatch: another model
-        raise UserError(f"checkpoint.resume: {path} does not fit this model "
-                        f"({str(err).strip().splitlines()[-1][:300]})") from err
+    load_tensors(_tensors(t, with_copies=True), path, "checkpoint.resume")
     meta = read_meta(path, "checkpoint.resume")
     t.step = int(meta["step"])
-    _restore_lr_schedule(t.lr_schedule, t.step)
+    restore_lr_schedule(t.lr_schedule, t.step)
     own = path / f"rank{t.mesh.rank}.pt"
     same_layout = meta.get("layout") == layout_of(t.job.config) and own.is_file()
     # Another layout: the data position is global (every dp rank resumes from it); rank 0's RNG.
@@ -147,7 +161,22 @@ def load(t: Trainer, path: Path) -> None:
         log.info("resumed from %s at step %d", path, t.step)
 
 
-def _restore_lr_schedule(schedule: Any, step: int) -> None:
+def load_tensors(state: dict[str, Any], path: Path, where: str, no_dist: bool = False) -> None:
+    """dcp.load through `SafeReader`; a checkpoint of another model is a UserError naming it."""
+    reader = SafeReader(path)
+    reader.read_metadata()  # unsafe or unreadable: a UserError now, before DCP wraps it
+    try:
+        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+    except (Exception, CheckpointException) as err:  # (the latter is a BaseException)
+        # A missing key or another shape: not this model's checkpoint.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        raise UserError(
+            f"{where}: {path} does not fit this model "
+            f"({lines[-1][:300] if lines else type(err).__name__})"
+        ) from err
+
+
+def restore_lr_schedule(schedule: Any, step: int) -> None:
     """Put the schedule (and the optimizer's lr, which its state_dict does not hold) at `step`.
 
     Only the step is restored, not the saved state_dict: its per-group lists are as long as the
@@ -176,8 +205,10 @@ class SafeReader(dcp.FileSystemReader):
             raise UserError(f"checkpoint {self.path}: {path} is not DCP metadata")
         for key, item in metadata.state_dict_metadata.items():
             if not isinstance(item, TensorStorageMetadata):
-                raise UserError(f"checkpoint {self.path}: entry {key!r} is not a tensor; "
-                                "meshtrain only loads tensors")
+                raise UserError(
+                    f"checkpoint {self.path}: entry {key!r} is not a tensor; "
+                    "meshtrain only loads tensors"
+                )
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -185,17 +216,23 @@ class SafeReader(dcp.FileSystemReader):
 
 
 _SAFE_GLOBALS = {
-    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-    ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("collections", "OrderedDict"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PurePosixPath"),
+    ("collections", "OrderedDict"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
 }
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
-        allowed = (module, name) in _SAFE_GLOBALS or (
-            module == "torch.distributed.checkpoint.metadata" and not name.startswith("__")) or (
-            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        allowed = (
+            (module, name) in _SAFE_GLOBALS
+            or (module == "torch.distributed.checkpoint.metadata" and not name.startswith("__"))
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        )
         if not allowed:
             raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
         return super().find_class(module, name)
@@ -217,13 +254,18 @@ def _tensors(t: Trainer, with_copies: bool = False) -> dict[str, Any]:
 
 
 def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW creates its state lazily; make it exist (zeros) so DCP can load into it."""
+    """AdamW creates its state lazily; make it exist (zeros) so DCP can load into it, with the
+    step counter where AdamW keeps it (on the parameter's device for fused/capturable)."""
     for group in optimizer.param_groups:
+        on_device = group.get("fused") or group.get("capturable")
         for p in group["params"]:
             if p not in optimizer.state or not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.tensor(0.0),
-                                      "exp_avg": torch.zeros_like(p),
-                                      "exp_avg_sq": torch.zeros_like(p)}
+                step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
+                optimizer.state[p] = {
+                    "step": step,
+                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                }
 
 
 def _prune(root: Path, keep: int) -> None:

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from meshtrain.checkpoint import META, SafeReader, is_complete, read_meta
+from meshtrain.checkpoint import META, is_complete, load_tensors, read_meta
 from meshtrain.config import config_from_raw
 from meshtrain.errors import UserError
 
@@ -33,8 +32,10 @@ def export_checkpoint(source: Path, out: Path, max_shard_size: str = "2GB") -> P
     """Write the Hugging Face folder `out` from `source` (a run dir or a checkpoint folder)."""
     source, out = Path(source), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"export: {out} already exists and is not empty; choose a new OUT_DIR "
-                        "(nothing was overwritten)")
+        raise UserError(
+            f"export: {out} already exists and is not empty; choose a new OUT_DIR "
+            "(nothing was overwritten)"
+        )
     path = resolve_checkpoint(source)
     model = load_full_model(path)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -60,20 +61,26 @@ def resolve_checkpoint(source: Path) -> Path:
         raise UserError(f"export: {source} does not exist (expected a run dir or a checkpoint)")
     if (source / META).is_file():
         if not is_complete(source):
-            raise UserError(f"export: {source} is an unfinished checkpoint (being written or "
-                            "killed); use a step_* folder")
+            raise UserError(
+                f"export: {source} is an unfinished checkpoint (being written or "
+                "killed); use a step_* folder"
+            )
         return source
     root = source / "checkpoints"
     if root.is_dir():
         done = sorted(p for p in root.glob("step_*") if is_complete(p))
         if not done:
-            raise UserError(f"export: {source} has no complete checkpoint in {root} "
-                            "(set checkpoint.every to save some)")
+            raise UserError(
+                f"export: {source} has no complete checkpoint in {root} "
+                "(set checkpoint.every to save some)"
+            )
         return done[-1]
     if source.name.startswith(("step_", ".step_")):
         raise UserError(f"export: {source} is an incomplete checkpoint (no {META})")
-    raise UserError(f"export: {source} is not a meshtrain run dir (no checkpoints/ folder) "
-                    f"or checkpoint (no {META})")
+    raise UserError(
+        f"export: {source} is not a meshtrain run dir (no checkpoints/ folder) "
+        f"or checkpoint (no {META})"
+    )
 
 
 def load_full_model(path: Path) -> nn.Module:
@@ -86,15 +93,12 @@ def load_full_model(path: Path) -> nn.Module:
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     copies = {copy for _, copy in family.tied_parameters(model_config)}
-    params = {name: p.data for name, p in model.named_parameters(remove_duplicate=False)
-              if name not in copies}
-    try:
-        dcp.load({"model": params}, storage_reader=SafeReader(path), no_dist=True)
-    except UserError:
-        raise
-    except Exception as err:  # a missing key or another shape: not this model's checkpoint
-        raise UserError(f"export: {path} does not match the model in its {META} "
-                        f"({str(err).strip().splitlines()[-1][:300]})") from err
+    params = {
+        name: p.data
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if name not in copies
+    }
+    load_tensors({"model": params}, path, "export", no_dist=True)
     return model.eval()
 
 
@@ -106,11 +110,15 @@ def _family_and_config(path: Path) -> tuple[Any, Any]:
     if not isinstance(meta.get("config"), dict):
         raise UserError(f"export: {where} holds no config")
     config = config_from_raw(path / META, meta["config"])
-    family = Plugins(config.plugins.disable).get("model_families", config.model.family,
-                                                 f"{where}: model.family")
+    family = Plugins(config.plugins.disable).get(
+        "model_families", config.model.family, f"{where}: model.family"
+    )
     model_config, problems = family.parse_config(
-        config.model.options, name=config.model.name or None,
-        trust_remote_code=config.model.trust_remote_code, where=f"{where}: model")
+        config.model.options,
+        name=config.model.name or None,
+        trust_remote_code=config.model.trust_remote_code,
+        where=f"{where}: model",
+    )
     if problems:
         raise UserError(problems)
     return family, model_config

@@ -1,0 +1,204 @@
+"""Hugging Face interop: import a sharded safetensors LlamaForCausalLM into dp2 pp2 tp2 (each rank
+reads its slices), train, export back, and check against transformers' own numbers.
+
+One spawned world of 8 trains two runs on synthetic tokens from tiny random models that
+transformers saved as many small safetensors shards (with an index):
+
+    tied     tie_word_embeddings = true,  lr = 0: the weights go through unchanged
+    untied   tie_word_embeddings = false, FSDP2, 2 steps
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from meshtrain.cli import main
+from meshtrain.contracts import DataContext
+from meshtrain.errors import UserError
+from tests.spawn import run_world
+
+RTOL = 1e-5
+GLOBAL_BATCH, SEQ_LEN = 4, 32
+LAYOUT = [
+    "parallel.dp=2",
+    "parallel.pp=2",
+    "parallel.tp=2",
+    "train.grad_acc=2",
+    "train.micro_batch_size=1",
+]
+RUNS = {
+    "tied": (True, ["train.lr=0.0", "train.steps=1", "parallel.dp_shard=false"]),
+    "untied": (False, ["train.lr=1e-3", "train.steps=2", "parallel.dp_shard=true"]),
+}
+
+
+def save_hf_model(folder: Path, tied: bool) -> None:
+    """A tiny random LlamaForCausalLM, saved by transformers as sharded safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="100KB")
+
+
+def write_config(path: Path, folder: Path) -> Path:
+    """A run config whose architecture comes only from the Hugging Face folder."""
+    path.write_text(
+        f'[model]\nfamily = "llama"\nname = "{folder}"\npretrained = true\n\n'
+        '[data]\nsource = "synthetic"\n\n'
+        f"[train]\nseq_len = {SEQ_LEN}\nwarmup_steps = 0\n\n"
+        '[checkpoint]\nevery = 1\nkeep = 5\nresume = "never"\n'
+    )
+    return path
+
+
+def global_batches(count: int, vocab: int = 512) -> list[torch.Tensor]:
+    """The first `count` global batches (GLOBAL_BATCH, SEQ_LEN + 1), from the data plugin."""
+    from meshtrain.plugins import Plugins
+
+    source = Plugins().get("data_sources", "synthetic", "data.source")
+    ctx = DataContext(
+        seq_len=SEQ_LEN,
+        micro_batch_size=GLOBAL_BATCH,
+        grad_acc=1,
+        dp=1,
+        dp_rank=0,
+        seed=0,
+        vocab_size=vocab,
+        run_dir=Path("."),
+        cache_dir=Path("."),
+    )
+    stream = source.open(source.config_class(), ctx)
+    return [stream.next_batch() for _ in range(count)]
+
+
+def hf_logits_and_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """transformers' logits (B, T, V) and meshtrain's loss: mean CE over every target token."""
+    with torch.no_grad():
+        logits = model(batch[:, :-1]).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+    return logits, float(loss)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hf")
+    runs = []
+    for name, (tied, overrides) in RUNS.items():
+        save_hf_model(out / f"{name}-hf", tied)
+        config = write_config(out / f"{name}.toml", out / f"{name}-hf")
+        runs.append((str(config), [*LAYOUT, *overrides, f'run.dir="{out / name}"']))
+    results = run_world(8, runs, out)
+    return out, dict(zip(RUNS, results, strict=True))
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("name", list(RUNS))
+def test_pretrained_loss_matches_transformers(trained, name):
+    from transformers import LlamaForCausalLM
+
+    out, metrics = trained
+    folder = out / f"{name}-hf"
+    assert (folder / "model.safetensors.index.json").is_file()
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3  # really sharded
+    _, want = hf_logits_and_loss(LlamaForCausalLM.from_pretrained(folder), global_batches(1)[0])
+    got = metrics[name][0]["loss"]
+    assert abs(got - want) <= RTOL * want, f"{name}: meshtrain {got} vs transformers {want}"
+
+
+@pytest.mark.dist
+def test_export_round_trip_is_exact(trained, tmp_path):
+    """lr = 0: HF -> per-rank slices -> DCP shards -> export -> HF leaves every logit unchanged."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    out, _ = trained
+    exported = tmp_path / "tied-export"
+    assert main(["export", str(out / "tied"), str(exported)]) == 0  # a run dir: newest ckpt
+    assert json.loads((exported / "config.json").read_text())["tie_word_embeddings"] is True
+    assert (exported / "generation_config.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    batch = global_batches(1)[0]
+    got, _ = hf_logits_and_loss(model, batch)
+    want, _ = hf_logits_and_loss(LlamaForCausalLM.from_pretrained(out / "tied-hf"), batch)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.dist
+def test_exported_trained_model_matches_meshtrain(trained, tmp_path):
+    """The untied FSDP2 run's step-1 checkpoint, exported as several shards: transformers' loss
+    on the second global batch equals the loss meshtrain logged for step 2."""
+    from transformers import AutoModelForCausalLM
+
+    from meshtrain.export import export_checkpoint
+
+    out, metrics = trained
+    exported = export_checkpoint(
+        out / "untied" / "checkpoints" / "step_00000001",
+        tmp_path / "untied-export",
+        max_shard_size="200KB",
+    )
+    assert (exported / "model.safetensors.index.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(exported)
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    _, got = hf_logits_and_loss(model, global_batches(2)[1])
+    want = metrics["untied"][1]["loss"]
+    assert abs(got - want) <= RTOL * want, f"exported {got} vs meshtrain step 2 {want}"
+
+
+def test_load_hf_weights_reads_sharded_files_and_ties(tmp_path):
+    """Without a process group (plain tensors): every parameter equals the saved one."""
+    from transformers import LlamaForCausalLM
+
+    from meshtrain.weights import load_hf_weights
+
+    save_hf_model(tmp_path / "hf", tied=True)
+    saved = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    model = LlamaForCausalLM(saved.config)
+    model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))  # untie
+    load_hf_weights([model], tmp_path / "hf", {"lm_head.weight": "model.embed_tokens.weight"})
+    for name, value in saved.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"model\.name: .*empty has no model\.safetensors"):
+        load_hf_weights([model], tmp_path / "empty", {})
+
+
+def test_export_refuses_bad_sources_and_outputs(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".step_00000002.partial").mkdir(parents=True)
+    (run / "checkpoints" / "step_00000001").mkdir()  # killed before meta.json
+    out = tmp_path / "out"
+    cases = [
+        (tmp_path / "missing", out, "does not exist"),
+        (tmp_path, out, "not a meshtrain run dir"),
+        (run, out, "no complete checkpoint"),
+        (run / "checkpoints" / "step_00000001", out, "incomplete checkpoint"),
+    ]
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    cases.append((run, tmp_path / "full", "not empty"))
+    for source, target, message in cases:
+        assert main(["export", str(source), str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            len(err) == 1
+            and message in err[0]
+            and str(source if message != "not empty" else target) in err[0]
+        ), err
+    assert not out.exists() and (tmp_path / "full" / "keep.txt").read_text() == "mine"
