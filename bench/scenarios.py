@@ -1,0 +1,87 @@
+"""The named benchmark scenarios of `bench/run.py` and the `meshtrain run` command for each.
+
+Every scenario runs on synthetic tokens (no tokenizer, no corpus), never checkpoints and never
+resumes, so runs differ only in layout, precision and model. Global batch is 16 sequences of 128
+tokens (2048 tokens per step) in every small-/ref- scenario, so tokens/s compare directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+REF = ROOT / "configs" / "smollm_cpu.toml"
+TINY = ROOT / "configs" / "tiny_cpu.toml"
+
+# bench-small: the reference's vocabulary (so the embedding/logits cost is real) on a small body.
+SMALL_MODEL = ["model.hidden_size=256", "model.intermediate_size=1024",
+               "model.num_hidden_layers=4", "model.num_attention_heads=4",
+               "model.num_key_value_heads=4", "model.vocab_size=49152",
+               "model.max_position_embeddings=128", "model.tie_word_embeddings=true",
+               "train.seq_len=128"]
+# --quick: a model small enough that every scenario finishes in seconds (smoke test only).
+QUICK_MODEL = ["model.hidden_size=64", "model.intermediate_size=256",
+               "model.num_hidden_layers=2", "model.num_attention_heads=4",
+               "model.num_key_value_heads=4", "model.vocab_size=512",
+               "model.max_position_embeddings=256"]
+QUICK_STEPS = 3
+
+ONE_PROCESS = ["parallel.dp=1", "parallel.pp=1", "parallel.tp=1", "parallel.dp_shard=false"]
+LAYOUT_8 = ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=true"]
+BF16 = ['train.precision="bf16"']
+# dp = 1 keeps 4 sequences per micro-batch, so 4 micro-batches make the same 16-sequence batch.
+BATCH_DP1 = ["train.micro_batch_size=4", "train.grad_acc=4"]
+BATCH_DP2 = ["train.micro_batch_size=4", "train.grad_acc=2"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scenario:
+    name: str
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+    workers: int
+    precision: str = "fp32"
+    steps: int = 5
+    """Default step count (`--steps` replaces it, except for a startup-only scenario)."""
+    startup_only: bool = False
+    """Only the time from command to first step matters; `--steps` does not apply."""
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
+    Scenario(name="small-8", config=REF, overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
+             workers=8, steps=20),
+    Scenario(name="small-1", config=REF, overrides=SMALL_MODEL + ONE_PROCESS + BATCH_DP1,
+             workers=1, steps=20),
+    Scenario(name="ref-8", config=REF, workers=8),
+    Scenario(name="ref-8-bf16", config=REF, overrides=BF16, workers=8, precision="bf16"),
+    Scenario(name="ref-tp2pp2", config=REF, workers=4,
+             overrides=["parallel.dp=1", "parallel.pp=2", "parallel.tp=2",
+                        "parallel.dp_shard=false"] + BATCH_DP1),
+    Scenario(name="ref-1", config=REF, overrides=ONE_PROCESS + BATCH_DP1, workers=1),
+    Scenario(name="ref-1-bf16", config=REF, overrides=ONE_PROCESS + BATCH_DP1 + BF16,
+             workers=1, precision="bf16"),
+    Scenario(name="tiny-8-startup", config=TINY, overrides=LAYOUT_8, workers=8, steps=2,
+             startup_only=True),
+]}
+
+
+def steps_for(scenario: Scenario, steps: int | None, quick: bool) -> int:
+    """Steps to run: QUICK_STEPS in quick mode, else `--steps`, else the scenario's default."""
+    if quick:
+        return QUICK_STEPS
+    if steps is None or scenario.startup_only:
+        return scenario.steps
+    return steps
+
+
+def build_command(scenario: Scenario, run_dir: Path, steps: int, quick: bool) -> list[str]:
+    """`python -m meshtrain run CONFIG --set ...` (the same as the `meshtrain` command)."""
+    overrides = [*scenario.overrides, *(QUICK_MODEL if quick else []),
+                 'data.source="synthetic"', f'run.dir="{run_dir}"', "checkpoint.every=0",
+                 'checkpoint.resume="never"', f"train.steps={steps}"]
+    command = [sys.executable, "-m", "meshtrain", "run", str(scenario.config)]
+    for item in overrides:
+        command += ["--set", item]
+    return command

@@ -1,0 +1,78 @@
+"""The benchmark's targets, each a ratio between two scenarios of the same `bench/run.py` run.
+
+Used by `bench/run.py`; a target whose scenarios did not both run is reported as n/a.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BF16_LOSS_RTOL = 2e-2
+
+
+@dataclass(frozen=True, kw_only=True)
+class Target:
+    text: str
+    """What is compared, as printed."""
+    subject: str
+    baseline: str
+    key: str
+    """Summary field compared (subject / baseline), or "loss" for the bf16 loss difference."""
+    bound: float
+    at_least: bool
+    """True: ratio >= bound is met; False: ratio <= bound is met."""
+
+
+TARGETS = [
+    Target(text="ref-8 tokens/s >= 0.8 x ref-1", subject="ref-8", baseline="ref-1",
+           key="tokens_per_s", bound=0.8, at_least=True),
+    Target(text="ref-tp2pp2 tokens/s >= 0.9 x ref-1", subject="ref-tp2pp2", baseline="ref-1",
+           key="tokens_per_s", bound=0.9, at_least=True),
+    Target(text="ref-8-bf16 tokens/s >= 1.8 x ref-8", subject="ref-8-bf16", baseline="ref-8",
+           key="tokens_per_s", bound=1.8, at_least=True),
+    Target(text=f"ref-8-bf16 max rel. loss diff vs ref-8 <= {BF16_LOSS_RTOL:g}",
+           subject="ref-8-bf16", baseline="ref-8", key="loss", bound=BF16_LOSS_RTOL,
+           at_least=False),
+    Target(text="small-8 CPU-s/token <= 1.2 x small-1", subject="small-8", baseline="small-1",
+           key="cpu_s_per_token", bound=1.2, at_least=False),
+    Target(text="tiny-8-startup command to first step <= 15 s", subject="tiny-8-startup",
+           baseline="", key="first_step_s", bound=15.0, at_least=False),
+]
+
+
+def evaluate(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each target with its value and met / missed / n/a."""
+    rows = []
+    for target in TARGETS:
+        value = _value(target, summaries)
+        if value is None:
+            status = "n/a"
+        else:
+            met = value >= target.bound if target.at_least else value <= target.bound
+            status = "met" if met else "missed"
+        rows.append({"target": target.text, "value": value, "bound": target.bound,
+                     "status": status})
+    return rows
+
+
+def _value(target: Target, summaries: dict[str, dict[str, Any]]) -> float | None:
+    subject = summaries.get(target.subject, {})
+    if not subject.get("ok"):
+        return None
+    if not target.baseline:
+        return subject.get(target.key)
+    baseline = summaries.get(target.baseline, {})
+    if not baseline.get("ok"):
+        return None
+    if target.key == "loss":
+        return max_relative_loss_diff(subject["losses"], baseline["losses"])
+    return subject[target.key] / baseline[target.key]
+
+
+def max_relative_loss_diff(losses: list[float], reference: list[float]) -> float | None:
+    """max |a - b| / |b| over the steps both runs reached (same seed, same batches)."""
+    pairs = list(zip(losses, reference, strict=False))
+    if not pairs:
+        return None
+    return max(abs(a - b) / abs(b) for a, b in pairs)
