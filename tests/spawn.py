@@ -49,3 +49,20 @@ def _worker(rank: int, world: int, port: int, runs: list, result: str) -> None:
     if rank == 0:
         Path(result).write_text(json.dumps(histories))
     dist.destroy_process_group()
+
+
+def worker_pids(run_dir: Path) -> dict[int, int]:
+    """rank -> pid of the workers, found by the per-rank log file each holds open."""
+    logs = {str(run_dir / "logs" / f"rank{r}.log"): r for r in range(8)}
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            targets = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except OSError:
+            continue
+        for target in targets:
+            if target in logs:
+                found[logs[target]] = int(proc.name)
+    return found

@@ -30,7 +30,7 @@ from meshtrain import checkpoint
 from meshtrain.cli import main
 from meshtrain.config import load_config
 from meshtrain.errors import UserError
-from tests.spawn import run_world
+from tests.spawn import run_world, worker_pids
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "tiny_cpu.toml")
@@ -272,19 +272,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def _workers(launcher: int) -> list[int]:
-    """The launcher's worker processes (multiprocessing spawn children, not its helpers)."""
-    workers = []
-    for pid in _children(launcher):
-        try:
-            cmd = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
-        except OSError:
-            continue
-        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
-            workers.append(pid)
-    return workers
-
-
 def _logged_steps(metrics: Path) -> list[dict]:
     if not metrics.is_file():
         return []
@@ -316,13 +303,13 @@ def test_killed_worker_restarts_and_matches_uninterrupted_run(tmp_path):
             assert launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no step 2 within 240 s"
             time.sleep(0.02)
-        victims = _workers(launcher.pid)
-        assert len(victims) == 2, victims
-        os.kill(victims[-1], signal.SIGKILL)
+        victims = worker_pids(run_dir)
+        assert sorted(victims) == [0, 1], victims
+        os.kill(victims[1], signal.SIGKILL)
         assert launcher.wait(timeout=240) == 0, (tmp_path / "launcher.log").read_text()[-3000:]
     finally:
         if launcher.poll() is None:
-            for pid in _workers(launcher.pid):
+            for pid in worker_pids(run_dir).values():
                 os.kill(pid, signal.SIGKILL)
             launcher.kill()
         log.close()

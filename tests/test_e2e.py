@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.spawn import worker_pids
+
 pytestmark = [pytest.mark.e2e, pytest.mark.dist]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,23 +77,6 @@ def test_torchrun_world_size_mismatch_is_a_user_error(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def _worker_pids(run_dir: Path) -> dict[int, int]:
-    """rank -> pid of the workers, found by the per-rank log file each holds open."""
-    logs = {str(run_dir / "logs" / f"rank{r}.log"): r for r in range(8)}
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            targets = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
-        except OSError:
-            continue
-        for target in targets:
-            if target in logs:
-                found[logs[target]] = int(proc.name)
-    return found
-
-
 def test_killed_worker_ends_the_job_naming_its_rank(tmp_path):
     command = [sys.executable, "-m", "meshtrain", "run", TINY, "--set", "parallel.dp=2",
                "--set", "train.steps=100000", "--set", "train.micro_batch_size=1",
@@ -103,7 +88,7 @@ def test_killed_worker_ends_the_job_naming_its_rank(tmp_path):
                 (tmp_path / "metrics.jsonl").is_file()
                 and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2):
             time.sleep(0.5)
-        workers = _worker_pids(tmp_path)
+        workers = worker_pids(tmp_path)
         assert sorted(workers) == [0, 1], workers
         os.kill(workers[1], signal.SIGKILL)
         killed_at = time.monotonic()
