@@ -110,10 +110,17 @@ def _silent_ranks(run_dir: Path, world: int) -> list[int]:
 
 
 def _start_method(job: Job) -> str:
-    """fork on CPU: workers inherit the launcher's imported torch, transformers and plugins, so 8
-    workers reach their first step in ~5 s instead of ~18 s on 2 cores (each spawned worker
-    imports everything again). CUDA cannot be used in a forked child: spawn there."""
-    return "fork" if job.device_type == "cpu" else "spawn"
+    """forkserver on CPU: one clean server process imports torch, transformers and the plugins
+    once, and every worker is forked from it, so 8 workers reach their first step in seconds
+    instead of each importing everything again on 2 cores (~18 s with spawn). Unlike a fork of
+    the launcher, workers do not inherit its heap (data preparation, tokenizer). CUDA: spawn."""
+    if job.device_type != "cpu":
+        return "spawn"
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(
+        ["torch", "transformers", "meshtrain.train", *job.plugins.module_names()])
+    return "forkserver"
 
 
 def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:

@@ -73,6 +73,10 @@ class Plugins:
                             f"available: {available}")
         return catalog[name][0]
 
+    def module_names(self) -> list[str]:
+        """Import names of the loaded plugin modules (for preloading in worker processes)."""
+        return sorted({getattr(p, "__name__", "") for p in self.pm.get_plugins()} - {""})
+
     def describe(self) -> list[PluginInfo]:
         """Every registered plugin with its distribution, hooks and provided names."""
         dists = {id(plugin): dist for plugin, dist in self.pm.list_plugin_distinfo()}
