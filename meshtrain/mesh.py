@@ -39,10 +39,6 @@ class Mesh:
     def group(self, axis: str) -> dist.ProcessGroup:
         return self.mesh[axis].get_group()
 
-    @property
-    def is_last_pp(self) -> bool:
-        return self.pp_rank == self.size("pp") - 1
-
 
 def init_mesh(config: Config, device_type: str) -> Mesh:
     """Join (or create, for one process) the process group and build the mesh."""
