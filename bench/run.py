@@ -24,26 +24,47 @@ from runner import measure_machine, report_failure, run_scenario, summarize
 from scenarios import ROOT, SCENARIOS, steps_for
 from targets import evaluate
 
-COLUMNS = [("scenario", 14), ("workers", 7), ("prec", 5), ("tok/s", 9), ("s/step", 8),
-           ("cpu-s/step", 10), ("cpu-ms/tok", 10), ("mem/rank", 9), ("mem total", 9),
-           ("MFU", 6), ("1st step s", 10)]
+COLUMNS = [
+    ("scenario", 14),
+    ("workers", 7),
+    ("prec", 5),
+    ("tok/s", 9),
+    ("s/step", 8),
+    ("cpu-s/step", 10),
+    ("cpu-ms/tok", 10),
+    ("mem/rank", 9),
+    ("mem total", 9),
+    ("MFU", 6),
+    ("1st step s", 10),
+]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
-                        help=f"comma-separated names (default all: {','.join(SCENARIOS)})")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="steps per scenario, >= 2 (default: 20 small, 5 ref, 2 startup)")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated names (default all: {','.join(SCENARIOS)})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="steps per scenario, >= 2 (default: 20 small, 5 ref, 2 startup)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "results.json")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny model, 3 steps per scenario: a smoke test of this script")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny model, 3 steps per scenario: a smoke test of this script",
+    )
     args = parser.parse_args(argv)
     args.names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
     unknown = [n for n in args.names if n not in SCENARIOS]
     if unknown:
-        parser.error(f"unknown scenario(s) {', '.join(unknown)}; choose from "
-                     f"{', '.join(SCENARIOS)}")
+        parser.error(
+            f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
+        )
     if args.steps is not None and args.steps < 2:
         parser.error("--steps must be >= 2 (step 1 is left out of the medians)")
     return args
@@ -52,8 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = measure_machine(seconds=0.3 if args.quick else 1.0)
-    _say(f"{machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}: peak "
-         f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16")
+    _say(
+        f"{machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}: peak "
+        f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16"
+    )
     summaries, runs = {}, {}
     with tempfile.TemporaryDirectory(prefix="meshtrain-bench-") as tmp:
         for name in args.names:
@@ -77,18 +100,26 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
     for name, s in summaries.items():
         cells = [name, s["workers"], s["precision"]]
         if "tokens_per_s" in s:
-            cells += [f"{s['tokens_per_s']:.1f}", f"{s['s_per_step']:.3f}",
-                      f"{s['cpu_s_per_step']:.2f}", f"{1e3 * s['cpu_s_per_token']:.3f}",
-                      f"{s['peak_mem_max_rank_gib']:.2f}", f"{s['peak_mem_total_gib']:.2f}",
-                      f"{s['mfu']:.1%}"]
+            cells += [
+                f"{s['tokens_per_s']:.1f}",
+                f"{s['s_per_step']:.3f}",
+                f"{s['cpu_s_per_step']:.2f}",
+                f"{1e3 * s['cpu_s_per_token']:.3f}",
+                f"{s['peak_mem_max_rank_gib']:.2f}",
+                f"{s['peak_mem_total_gib']:.2f}",
+                f"{s['mfu']:.1%}",
+            ]
         else:
             cells += ["failed"] + ["-"] * 6
         first = s["first_step_s"]
         cells.append("-" if first is None else f"{first:.1f}")
-        print("  ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, COLUMNS,
-                                                                           strict=True)))
-    print("(medians over steps 2..N; tok/s and s/step are global; cpu summed over workers; "
-          "mem in GiB, peak RSS; MFU vs this machine's measured peak for the precision)")
+        print(
+            "  ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True))
+        )
+    print(
+        "(medians over steps 2..N; tok/s and s/step are global; cpu summed over workers; "
+        "mem in GiB, peak RSS; MFU vs this machine's measured peak for the precision)"
+    )
 
 
 def print_targets(targets: list[dict[str, Any]]) -> None:
@@ -98,13 +129,21 @@ def print_targets(targets: list[dict[str, Any]]) -> None:
         print(f"  [{t['status']:>6}] {t['target']}: {value}")
 
 
-def write_json(args: argparse.Namespace, machine: dict[str, Any], summaries: dict,
-               runs: dict, targets: list[dict[str, Any]]) -> None:
+def write_json(
+    args: argparse.Namespace,
+    machine: dict[str, Any],
+    summaries: dict,
+    runs: dict,
+    targets: list[dict[str, Any]],
+) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    document = {"machine": machine, "quick": args.quick, "argv": sys.argv,
-                "scenarios": {name: {"summary": summaries[name], "run": runs[name]}
-                              for name in summaries},
-                "targets": targets}
+    document = {
+        "machine": machine,
+        "quick": args.quick,
+        "argv": sys.argv,
+        "scenarios": {name: {"summary": summaries[name], "run": runs[name]} for name in summaries},
+        "targets": targets,
+    }
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     _say(f"wrote {args.out}")
 

@@ -28,10 +28,14 @@ def measure_machine(seconds: float) -> dict[str, Any]:
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     cpu = torch.device("cpu")
-    return {"cpu_model": _cpu_model(), "cores": cores, "torch": torch.__version__,
-            "python": platform.python_version(),
-            "peak_gflops_fp32": measure_peak_flops(cpu, torch.float32, seconds) / 1e9,
-            "peak_gflops_bf16": measure_peak_flops(cpu, torch.bfloat16, seconds) / 1e9}
+    return {
+        "cpu_model": _cpu_model(),
+        "cores": cores,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "peak_gflops_fp32": measure_peak_flops(cpu, torch.float32, seconds) / 1e9,
+        "peak_gflops_bf16": measure_peak_flops(cpu, torch.bfloat16, seconds) / 1e9,
+    }
 
 
 def _cpu_model() -> str:
@@ -57,20 +61,31 @@ def scenario_env(scenario: Scenario, machine: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def run_scenario(scenario: Scenario, machine: dict[str, Any], run_dir: Path, steps: int,
-                 quick: bool) -> dict[str, Any]:
+def run_scenario(
+    scenario: Scenario, machine: dict[str, Any], run_dir: Path, steps: int, quick: bool
+) -> dict[str, Any]:
     """Run `scenario`; returns its per-step metrics, wall times and exit status."""
     command = build_command(scenario, run_dir, steps, quick)
     metrics_path, log_path = run_dir / "metrics.jsonl", run_dir.parent / f"{run_dir.name}.log"
     with open(log_path, "w") as log:
         start = time.perf_counter()
-        proc = subprocess.Popen(command, cwd=ROOT, env=scenario_env(scenario, machine),
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=scenario_env(scenario, machine),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         first_step_s = _wait_first_step(proc, metrics_path, start)
         code = proc.wait()
         wall_s = time.perf_counter() - start
-    result: dict[str, Any] = {"command": command, "exit_code": code, "wall_s": wall_s,
-                              "first_step_s": first_step_s, "steps": _read_metrics(metrics_path)}
+    result: dict[str, Any] = {
+        "command": command,
+        "exit_code": code,
+        "wall_s": wall_s,
+        "first_step_s": first_step_s,
+        "steps": _read_metrics(metrics_path),
+    }
     if code != 0:
         result["log_tail"] = log_path.read_text().splitlines()[-25:]
     return result
@@ -95,25 +110,34 @@ def summarize(scenario: Scenario, result: dict[str, Any]) -> dict[str, Any]:
     """Medians over the steps after the first (shape inference, warm-up); memory is the peak."""
     steps = result["steps"]
     timed = steps[1:] if len(steps) > 1 else steps
-    summary: dict[str, Any] = {"workers": scenario.workers, "precision": scenario.precision,
-                               "steps_run": len(steps), "steps_timed": len(timed),
-                               "first_step_s": result["first_step_s"], "wall_s": result["wall_s"],
-                               "ok": result["exit_code"] == 0 and bool(steps)}
+    summary: dict[str, Any] = {
+        "workers": scenario.workers,
+        "precision": scenario.precision,
+        "steps_run": len(steps),
+        "steps_timed": len(timed),
+        "first_step_s": result["first_step_s"],
+        "wall_s": result["wall_s"],
+        "ok": result["exit_code"] == 0 and bool(steps),
+    }
     if not timed:
         return summary
 
     def median(key: str) -> float:
         return statistics.median(float(m[key]) for m in timed)
 
-    summary.update({
-        "tokens_per_step": int(timed[-1]["tokens"]),
-        "tokens_per_s": median("tokens_per_s"), "s_per_step": median("step_time_s"),
-        "cpu_s_per_step": median("cpu_s"),
-        "cpu_s_per_token": statistics.median(m["cpu_s"] / m["tokens"] for m in timed),
-        "mfu": median("mfu"),
-        "peak_mem_max_rank_gib": max(m["peak_mem_max_rank_gib"] for m in steps),
-        "peak_mem_total_gib": max(m["peak_mem_total_gib"] for m in steps),
-        "losses": [m["loss"] for m in steps]})
+    summary.update(
+        {
+            "tokens_per_step": int(timed[-1]["tokens"]),
+            "tokens_per_s": median("tokens_per_s"),
+            "s_per_step": median("step_time_s"),
+            "cpu_s_per_step": median("cpu_s"),
+            "cpu_s_per_token": statistics.median(m["cpu_s"] / m["tokens"] for m in timed),
+            "mfu": median("mfu"),
+            "peak_mem_max_rank_gib": max(m["peak_mem_max_rank_gib"] for m in steps),
+            "peak_mem_total_gib": max(m["peak_mem_total_gib"] for m in steps),
+            "losses": [m["loss"] for m in steps],
+        }
+    )
     return summary
 
 

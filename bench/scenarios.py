@@ -16,16 +16,27 @@ REF = ROOT / "configs" / "smollm_cpu.toml"
 TINY = ROOT / "configs" / "tiny_cpu.toml"
 
 # bench-small: the reference's vocabulary (so the embedding/logits cost is real) on a small body.
-SMALL_MODEL = ["model.hidden_size=256", "model.intermediate_size=1024",
-               "model.num_hidden_layers=4", "model.num_attention_heads=4",
-               "model.num_key_value_heads=4", "model.vocab_size=49152",
-               "model.max_position_embeddings=128", "model.tie_word_embeddings=true",
-               "train.seq_len=128"]
+SMALL_MODEL = [
+    "model.hidden_size=256",
+    "model.intermediate_size=1024",
+    "model.num_hidden_layers=4",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=4",
+    "model.vocab_size=49152",
+    "model.max_position_embeddings=128",
+    "model.tie_word_embeddings=true",
+    "train.seq_len=128",
+]
 # --quick: a model small enough that every scenario finishes in seconds (smoke test only).
-QUICK_MODEL = ["model.hidden_size=64", "model.intermediate_size=256",
-               "model.num_hidden_layers=2", "model.num_attention_heads=4",
-               "model.num_key_value_heads=4", "model.vocab_size=512",
-               "model.max_position_embeddings=256"]
+QUICK_MODEL = [
+    "model.hidden_size=64",
+    "model.intermediate_size=256",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=4",
+    "model.vocab_size=512",
+    "model.max_position_embeddings=256",
+]
 QUICK_STEPS = 3
 
 ONE_PROCESS = ["parallel.dp=1", "parallel.pp=1", "parallel.tp=1", "parallel.dp_shard=false"]
@@ -49,22 +60,50 @@ class Scenario:
     """Only the time from command to first step matters; `--steps` does not apply."""
 
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in [
-    Scenario(name="small-8", config=REF, overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
-             workers=8, steps=20),
-    Scenario(name="small-1", config=REF, overrides=SMALL_MODEL + ONE_PROCESS + BATCH_DP1,
-             workers=1, steps=20),
-    Scenario(name="ref-8", config=REF, workers=8),
-    Scenario(name="ref-8-bf16", config=REF, overrides=BF16, workers=8, precision="bf16"),
-    Scenario(name="ref-tp2pp2", config=REF, workers=4,
-             overrides=["parallel.dp=1", "parallel.pp=2", "parallel.tp=2",
-                        "parallel.dp_shard=false"] + BATCH_DP1),
-    Scenario(name="ref-1", config=REF, overrides=ONE_PROCESS + BATCH_DP1, workers=1),
-    Scenario(name="ref-1-bf16", config=REF, overrides=ONE_PROCESS + BATCH_DP1 + BF16,
-             workers=1, precision="bf16"),
-    Scenario(name="tiny-8-startup", config=TINY, overrides=LAYOUT_8, workers=8, steps=2,
-             startup_only=True),
-]}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s
+    for s in [
+        Scenario(
+            name="small-8",
+            config=REF,
+            overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
+            workers=8,
+            steps=20,
+        ),
+        Scenario(
+            name="small-1",
+            config=REF,
+            overrides=SMALL_MODEL + ONE_PROCESS + BATCH_DP1,
+            workers=1,
+            steps=20,
+        ),
+        Scenario(name="ref-8", config=REF, workers=8),
+        Scenario(name="ref-8-bf16", config=REF, overrides=BF16, workers=8, precision="bf16"),
+        Scenario(
+            name="ref-tp2pp2",
+            config=REF,
+            workers=4,
+            overrides=["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=false"]
+            + BATCH_DP1,
+        ),
+        Scenario(name="ref-1", config=REF, overrides=ONE_PROCESS + BATCH_DP1, workers=1),
+        Scenario(
+            name="ref-1-bf16",
+            config=REF,
+            overrides=ONE_PROCESS + BATCH_DP1 + BF16,
+            workers=1,
+            precision="bf16",
+        ),
+        Scenario(
+            name="tiny-8-startup",
+            config=TINY,
+            overrides=LAYOUT_8,
+            workers=8,
+            steps=2,
+            startup_only=True,
+        ),
+    ]
+}
 
 
 def steps_for(scenario: Scenario, steps: int | None, quick: bool) -> int:
@@ -78,9 +117,15 @@ def steps_for(scenario: Scenario, steps: int | None, quick: bool) -> int:
 
 def build_command(scenario: Scenario, run_dir: Path, steps: int, quick: bool) -> list[str]:
     """`python -m meshtrain run CONFIG --set ...` (the same as the `meshtrain` command)."""
-    overrides = [*scenario.overrides, *(QUICK_MODEL if quick else []),
-                 'data.source="synthetic"', f'run.dir="{run_dir}"', "checkpoint.every=0",
-                 'checkpoint.resume="never"', f"train.steps={steps}"]
+    overrides = [
+        *scenario.overrides,
+        *(QUICK_MODEL if quick else []),
+        'data.source="synthetic"',
+        f'run.dir="{run_dir}"',
+        "checkpoint.every=0",
+        'checkpoint.resume="never"',
+        f"train.steps={steps}",
+    ]
     command = [sys.executable, "-m", "meshtrain", "run", str(scenario.config)]
     for item in overrides:
         command += ["--set", item]

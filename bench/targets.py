@@ -25,19 +25,54 @@ class Target:
 
 
 TARGETS = [
-    Target(text="ref-8 tokens/s >= 0.8 x ref-1", subject="ref-8", baseline="ref-1",
-           key="tokens_per_s", bound=0.8, at_least=True),
-    Target(text="ref-tp2pp2 tokens/s >= 0.9 x ref-1", subject="ref-tp2pp2", baseline="ref-1",
-           key="tokens_per_s", bound=0.9, at_least=True),
-    Target(text="ref-8-bf16 tokens/s >= 1.8 x ref-8", subject="ref-8-bf16", baseline="ref-8",
-           key="tokens_per_s", bound=1.8, at_least=True),
-    Target(text=f"ref-8-bf16 max rel. loss diff vs ref-8 <= {BF16_LOSS_RTOL:g}",
-           subject="ref-8-bf16", baseline="ref-8", key="loss", bound=BF16_LOSS_RTOL,
-           at_least=False),
-    Target(text="small-8 CPU-s/token <= 1.2 x small-1", subject="small-8", baseline="small-1",
-           key="cpu_s_per_token", bound=1.2, at_least=False),
-    Target(text="tiny-8-startup command to first step <= 15 s", subject="tiny-8-startup",
-           baseline="", key="first_step_s", bound=15.0, at_least=False),
+    Target(
+        text="ref-8 tokens/s >= 0.8 x ref-1",
+        subject="ref-8",
+        baseline="ref-1",
+        key="tokens_per_s",
+        bound=0.8,
+        at_least=True,
+    ),
+    Target(
+        text="ref-tp2pp2 tokens/s >= 0.9 x ref-1",
+        subject="ref-tp2pp2",
+        baseline="ref-1",
+        key="tokens_per_s",
+        bound=0.9,
+        at_least=True,
+    ),
+    Target(
+        text="ref-8-bf16 tokens/s >= 1.8 x ref-8",
+        subject="ref-8-bf16",
+        baseline="ref-8",
+        key="tokens_per_s",
+        bound=1.8,
+        at_least=True,
+    ),
+    Target(
+        text=f"ref-8-bf16 max rel. loss diff vs ref-8 <= {BF16_LOSS_RTOL:g}",
+        subject="ref-8-bf16",
+        baseline="ref-8",
+        key="loss",
+        bound=BF16_LOSS_RTOL,
+        at_least=False,
+    ),
+    Target(
+        text="small-8 CPU-s/token <= 1.2 x small-1",
+        subject="small-8",
+        baseline="small-1",
+        key="cpu_s_per_token",
+        bound=1.2,
+        at_least=False,
+    ),
+    Target(
+        text="tiny-8-startup command to first step <= 15 s",
+        subject="tiny-8-startup",
+        baseline="",
+        key="first_step_s",
+        bound=15.0,
+        at_least=False,
+    ),
 ]
 
 
@@ -51,8 +86,9 @@ def evaluate(summaries: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         else:
             met = value >= target.bound if target.at_least else value <= target.bound
             status = "met" if met else "missed"
-        rows.append({"target": target.text, "value": value, "bound": target.bound,
-                     "status": status})
+        rows.append(
+            {"target": target.text, "value": value, "bound": target.bound, "status": status}
+        )
     return rows
 
 

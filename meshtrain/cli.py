@@ -48,16 +48,24 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="meshtrain", description="Train LLMs with 3D parallelism (dp, pp, tp).")
+        prog="meshtrain", description="Train LLMs with 3D parallelism (dp, pp, tp)."
+    )
     parser.add_argument("--version", action="version", version=f"meshtrain {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
-    for name, command, text in [("run", cmd_run, "train a model from a TOML config"),
-                                ("check", cmd_check, "validate a config and print its layout")]:
+    for name, command, text in [
+        ("run", cmd_run, "train a model from a TOML config"),
+        ("check", cmd_check, "validate a config and print its layout"),
+    ]:
         one = sub.add_parser(name, help=text, description=text)
         one.add_argument("config", type=Path, help="TOML config file")
-        one.add_argument("--set", dest="overrides", action="append", default=[],
-                         metavar="KEY=VALUE", help="override a key, value parsed as TOML "
-                         "(e.g. --set parallel.tp=2); repeatable")
+        one.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a key, value parsed as TOML (e.g. --set parallel.tp=2); repeatable",
+        )
         one.set_defaults(command=command)
     one = sub.add_parser("plugins", help="list installed plugins and the names they provide")
     one.set_defaults(command=cmd_plugins)
@@ -127,8 +135,10 @@ def format_config(job: Job) -> str:
         if table == "model":
             lines += [f"{k} = {toml_value(v)}" for k, v in config.model.options.items()]
         if table == "data" and dataclasses.is_dataclass(job.data_options):
-            lines += [f"{item.name} = {toml_value(getattr(job.data_options, item.name))}"
-                      for item in dataclasses.fields(job.data_options)]
+            lines += [
+                f"{item.name} = {toml_value(getattr(job.data_options, item.name))}"
+                for item in dataclasses.fields(job.data_options)
+            ]
     return "\n".join(lines)
 
 
@@ -152,31 +162,41 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
 
     par, shape = job.config.parallel, job.shape
     world, stages = job.config.world_size, job.num_stages
-    lines = [f"\n# layout: {world} rank{'s' * (world > 1)} = dp {par.dp} x pp {par.pp} x tp "
-             f"{par.tp} (rank = (dp*{par.pp} + pp)*{par.tp} + tp), "
-             f"schedule {job.config.pipeline.schedule}, {stages} stage{'s' * (stages > 1)}",
-             f"model: {count_parameters(job):,} parameters, {shape.num_layers} layers",
-             *describe_stages(shape.num_layers, stages), ""]
-    header = (f"{'rank':>4}  {'(dp, pp, tp)':<12}  {'stage':<5}  {'layers':<10}  {'params':>13}"
-              f"  {'state':>7}  {'activ':>7}  {'logits':>7}  {'working':>7}  {'total MiB':>9}")
+    lines = [
+        f"\n# layout: {world} rank{'s' * (world > 1)} = dp {par.dp} x pp {par.pp} x tp "
+        f"{par.tp} (rank = (dp*{par.pp} + pp)*{par.tp} + tp), "
+        f"schedule {job.config.pipeline.schedule}, {stages} stage{'s' * (stages > 1)}",
+        f"model: {count_parameters(job):,} parameters, {shape.num_layers} layers",
+        *describe_stages(shape.num_layers, stages),
+        "",
+    ]
+    header = (
+        f"{'rank':>4}  {'(dp, pp, tp)':<12}  {'stage':<5}  {'layers':<10}  {'params':>13}"
+        f"  {'state':>7}  {'activ':>7}  {'logits':>7}  {'working':>7}  {'total MiB':>9}"
+    )
     lines += [header, "-" * len(header), *map(_rank_line, rows)]
     total = sum(row.memory.total for row in rows)
     lines.append(f"estimated peak memory of all {world} ranks together: {total / 2**30:.1f} GiB")
-    lines += ["", "params: stored on each rank (weights in the tp plan / tp"
-              + (", everything / dp for parallel.dp_shard)." if par.dp_shard else ")."),
-              "memory (estimate): state = fp32 params + grads + AdamW moments; activ = fp32",
-              "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
-              "working = gathered weights and unsharded gradients (FSDP) or the all-reduce buffer;",
-              "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py)."]
+    lines += [
+        "",
+        "params: stored on each rank (weights in the tp plan / tp"
+        + (", everything / dp for parallel.dp_shard)." if par.dp_shard else ")."),
+        "memory (estimate): state = fp32 params + grads + AdamW moments; activ = fp32",
+        "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
+        "working = gathered weights and unsharded gradients (FSDP) or the all-reduce buffer;",
+        "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py).",
+    ]
     return "\n".join(lines)
 
 
 def _rank_line(row: RankLayout) -> str:
     mem, layers = row.memory, ", ".join(_span(r) for r in row.layers)
-    return (f"{row.rank:>4}  {f'({row.dp}, {row.pp}, {row.tp})':<12}  "
-            f"{','.join(map(str, row.stages)):<5}  {layers:<10}  {row.params:>13,}  "
-            f"{mem.state / MIB:>7,.0f}  {mem.activations / MIB:>7,.0f}  "
-            f"{mem.logits / MIB:>7,.0f}  {mem.working / MIB:>7,.0f}  {mem.total / MIB:>9,.0f}")
+    return (
+        f"{row.rank:>4}  {f'({row.dp}, {row.pp}, {row.tp})':<12}  "
+        f"{','.join(map(str, row.stages)):<5}  {layers:<10}  {row.params:>13,}  "
+        f"{mem.state / MIB:>7,.0f}  {mem.activations / MIB:>7,.0f}  "
+        f"{mem.logits / MIB:>7,.0f}  {mem.working / MIB:>7,.0f}  {mem.total / MIB:>9,.0f}"
+    )
 
 
 def _span(layers: range) -> str:

@@ -128,9 +128,15 @@ class PluginsSection:
 
 
 SECTIONS: dict[str, type] = {
-    "run": RunSection, "parallel": ParallelSection, "pipeline": PipelineSection,
-    "model": ModelSection, "data": DataSection, "train": TrainSection,
-    "checkpoint": CheckpointSection, "log": LogSection, "plugins": PluginsSection,
+    "run": RunSection,
+    "parallel": ParallelSection,
+    "pipeline": PipelineSection,
+    "model": ModelSection,
+    "data": DataSection,
+    "train": TrainSection,
+    "checkpoint": CheckpointSection,
+    "log": LogSection,
+    "plugins": PluginsSection,
 }
 OPEN_SECTIONS = {"model", "data"}  # their unknown keys go to `options`, checked by the plugin
 
@@ -182,16 +188,18 @@ def config_from_raw(path: Path, raw: dict, problems: list[str] = ()) -> Config:
     for table, cls in SECTIONS.items():
         value = raw.get(table, {})
         value = value if isinstance(value, dict) else {}
-        sections[table], found = parse_section(cls, value, f"{path}: {table}",
-                                               open_keys=table in OPEN_SECTIONS)
+        sections[table], found = parse_section(
+            cls, value, f"{path}: {table}", open_keys=table in OPEN_SECTIONS
+        )
         problems += found
     if problems:
         raise ConfigError(problems)
     return Config(path=path, raw=raw, **sections)
 
 
-def parse_section(cls: type, table: dict, where: str, *,
-                  open_keys: bool = False) -> tuple[Any, list[str]]:
+def parse_section(
+    cls: type, table: dict, where: str, *, open_keys: bool = False
+) -> tuple[Any, list[str]]:
     """Fill dataclass `cls` from `table`; returns (instance or defaults, problem lines).
 
     `where` is "file: section"; problems read "file: section.key: ...". Plugins use this for
@@ -223,13 +231,22 @@ def _suggest_key(key: str, fields: dict, where: str) -> str:
 
 
 def _check_value(value: Any, kind: Any, meta: Any) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-             list: "a list", dict: "a table"}
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str), list: lambda v: isinstance(v, list),
-          dict: lambda v: isinstance(v, dict)}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        list: lambda v: isinstance(v, list),
+        dict: lambda v: isinstance(v, dict),
+    }
     if kind in ok and not ok[kind](value):
         return f"expected {names[kind]}, got {value!r}"
     choices = meta.get("choices") or ()

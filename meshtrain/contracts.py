@@ -33,8 +33,9 @@ class ModelShape:
 class ModelFamily(Protocol):
     """A family of decoder-only LMs (e.g. LLaMA). Parameter names are Hugging Face names."""
 
-    def parse_config(self, options: Mapping[str, Any], *, name: str | None,
-                     trust_remote_code: bool, where: str) -> tuple[Any, list[str]]:
+    def parse_config(
+        self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
+    ) -> tuple[Any, list[str]]:
         """Build the family's model config from `[model]` keys (minus family/name/pretrained).
 
         `name` is a hub id or a local folder with config.json; keys override it. Returns the config
@@ -57,8 +58,9 @@ class ModelFamily(Protocol):
 
         The head must return vocab-sharded logits (Shard(-1)) for loss parallel."""
 
-    def init_parameter(self, name: str, shape: torch.Size, model_config: Any,
-                       generator: torch.Generator) -> torch.Tensor:
+    def init_parameter(
+        self, name: str, shape: torch.Size, model_config: Any, generator: torch.Generator
+    ) -> torch.Tensor:
         """The full initial value of parameter `name` (fp32, CPU), drawn from `generator`."""
 
     def init_buffers(self, stage: nn.Module) -> None:
@@ -80,8 +82,12 @@ class PipelineSchedule(Protocol):
     def validate(self, *, pp: int, grad_acc: int) -> list[str]:
         """Problems with these degrees, each naming the keys (e.g. 'train.grad_acc ...')."""
 
-    def build(self, stages: list[Any], n_microbatches: int,
-              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Any:
+    def build(
+        self,
+        stages: list[Any],
+        n_microbatches: int,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    ) -> Any:
         """A `torch.distributed.pipelining` schedule over this rank's stages (in order).
 
         The schedule must not rescale gradients: the loss is already normalised globally."""

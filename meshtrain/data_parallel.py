@@ -38,12 +38,15 @@ def all_reduce_grads(params: list[nn.Parameter], group: dist.ProcessGroup, world
     parameter: gloo latency dominates small messages)."""
     if world == 1:
         return
-    locals_ = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-               for p in params if p.grad is not None]
+    locals_ = [
+        p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        for p in params
+        if p.grad is not None
+    ]
     flat = torch.cat([g.reshape(-1) for g in locals_])
     dist.all_reduce(flat, group=group)
     flat /= world
     offset = 0
     for g in locals_:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()

@@ -36,8 +36,10 @@ def hub_offline() -> bool:
 
 def offline_error(key: str, value: str, what: str) -> UserError:
     """The one-line error for a hub id that cannot be fetched in offline mode."""
-    return UserError(f"{key}: {value!r} is not a local {what} and the Hugging Face hub is offline "
-                     f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) with no cached copy; {OFFLINE_HINT}")
+    return UserError(
+        f"{key}: {value!r} is not a local {what} and the Hugging Face hub is offline "
+        f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE) with no cached copy; {OFFLINE_HINT}"
+    )
 
 
 def require_hub(key: str, value: str) -> None:
@@ -58,8 +60,10 @@ def require_hub(key: str, value: str) -> None:
     thread.join(PROBE_TIMEOUT_S + 0.5)
     if not result or result[0] is not None:
         why = "no answer" if not result else str(result[0]) or type(result[0]).__name__
-        raise UserError(f"{key}: cannot reach the Hugging Face hub ({host}: {why}) to fetch "
-                        f"{value!r}; {OFFLINE_HINT} (or HF_HUB_OFFLINE=1 for a cached copy)")
+        raise UserError(
+            f"{key}: cannot reach the Hugging Face hub ({host}: {why}) to fetch "
+            f"{value!r}; {OFFLINE_HINT} (or HF_HUB_OFFLINE=1 for a cached copy)"
+        )
 
 
 def hub_problem(name: str, key: str, hint: str) -> str:
@@ -67,11 +71,14 @@ def hub_problem(name: str, key: str, hint: str) -> str:
     if os.path.exists(os.path.expanduser(name)):
         return ""
     if hub_offline():
-        return (f"{key}: {name!r} is not a local path and the Hugging Face hub is offline "
-                f"(HF_HUB_OFFLINE); {hint}")
+        return (
+            f"{key}: {name!r} is not a local path and the Hugging Face hub is offline "
+            f"(HF_HUB_OFFLINE); {hint}"
+        )
     try:
         require_hub(key, name)
     except UserError:
-        return (f"{key}: {name!r} is not a local path and the Hugging Face hub is not "
-                f"reachable; {hint}")
+        return (
+            f"{key}: {name!r} is not a local path and the Hugging Face hub is not reachable; {hint}"
+        )
     return ""

@@ -72,14 +72,18 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
     model_config = shape = data_options = None
     if family is not None:
         model_config, found = family.parse_config(
-            config.model.options, name=config.model.name or None,
-            trust_remote_code=config.model.trust_remote_code, where=f"{where}: model")
+            config.model.options,
+            name=config.model.name or None,
+            trust_remote_code=config.model.trust_remote_code,
+            where=f"{where}: model",
+        )
         problems += found
         if not found:
             shape = family.shape(model_config)
     if source is not None:
-        data_options, found = parse_section(source.config_class, config.data.options,
-                                            f"{where}: data")
+        data_options, found = parse_section(
+            source.config_class, config.data.options, f"{where}: data"
+        )
         problems += found
     if shape is not None and schedule is not None:
         problems += check_degrees(config, shape, schedule)
@@ -89,36 +93,54 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
         problems.append(f"{where}: run.device: 'cuda' but no CUDA device is visible; use 'cpu'")
     if problems:
         raise ConfigError(problems)
-    return Job(config=config, plugins=plugins, family=family, model_config=model_config,
-               shape=shape, schedule=schedule, source=source, data_options=data_options,
-               warnings=_no_effect_warnings(config))
+    return Job(
+        config=config,
+        plugins=plugins,
+        family=family,
+        model_config=model_config,
+        shape=shape,
+        schedule=schedule,
+        source=source,
+        data_options=data_options,
+        warnings=_no_effect_warnings(config),
+    )
 
 
 def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule) -> list[str]:
     """Degree arithmetic against the model, one line per problem naming the keys."""
     p, par, train = config.path, config.parallel, config.train
     problems = []
-    for count, what in [(shape.num_heads, "attention heads (model.num_attention_heads)"),
-                        (shape.num_kv_heads, "key/value heads (model.num_key_value_heads)"),
-                        (shape.vocab_size, "vocabulary (model.vocab_size)"),
-                        (shape.intermediate_size, "MLP width (model.intermediate_size)")]:
+    for count, what in [
+        (shape.num_heads, "attention heads (model.num_attention_heads)"),
+        (shape.num_kv_heads, "key/value heads (model.num_key_value_heads)"),
+        (shape.vocab_size, "vocabulary (model.vocab_size)"),
+        (shape.intermediate_size, "MLP width (model.intermediate_size)"),
+    ]:
         if count % par.tp:
             problems.append(f"{p}: parallel.tp: {par.tp} does not divide the {count} {what}")
     if shape.hidden_size % shape.num_heads:
-        problems.append(f"{p}: model.hidden_size: {shape.hidden_size} is not divisible by "
-                        f"model.num_attention_heads ({shape.num_heads})")
+        problems.append(
+            f"{p}: model.hidden_size: {shape.hidden_size} is not divisible by "
+            f"model.num_attention_heads ({shape.num_heads})"
+        )
     stages = par.pp * schedule.stages_per_rank
     if stages > shape.num_layers:
-        problems.append(f"{p}: parallel.pp: {par.pp} ranks x {schedule.stages_per_rank} stages "
-                        f"per rank = {stages} stages exceed the {shape.num_layers} layers "
-                        "(model.num_hidden_layers)")
+        problems.append(
+            f"{p}: parallel.pp: {par.pp} ranks x {schedule.stages_per_rank} stages "
+            f"per rank = {stages} stages exceed the {shape.num_layers} layers "
+            "(model.num_hidden_layers)"
+        )
     problems += [f"{p}: {line}" for line in schedule.validate(pp=par.pp, grad_acc=train.grad_acc)]
     if train.seq_len > shape.max_positions:
-        problems.append(f"{p}: train.seq_len: {train.seq_len} exceeds the model's "
-                        f"{shape.max_positions} positions (model.max_position_embeddings)")
+        problems.append(
+            f"{p}: train.seq_len: {train.seq_len} exceeds the model's "
+            f"{shape.max_positions} positions (model.max_position_embeddings)"
+        )
     if par.sequence_parallel and train.seq_len % par.tp:
-        problems.append(f"{p}: train.seq_len: {train.seq_len} must be divisible by parallel.tp "
-                        f"({par.tp}) for parallel.sequence_parallel")
+        problems.append(
+            f"{p}: train.seq_len: {train.seq_len} must be divisible by parallel.tp "
+            f"({par.tp}) for parallel.sequence_parallel"
+        )
     return problems
 
 

@@ -36,12 +36,16 @@ def launch(job: Job) -> int:
     if "RANK" in os.environ:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world != cfg.world_size:
-            raise UserError(f"{cfg.path}: parallel.dp * parallel.pp * parallel.tp = "
-                            f"{cfg.world_size} but the launcher started WORLD_SIZE={world} "
-                            "processes; change the degrees or --nproc-per-node")
+            raise UserError(
+                f"{cfg.path}: parallel.dp * parallel.pp * parallel.tp = "
+                f"{cfg.world_size} but the launcher started WORLD_SIZE={world} "
+                "processes; change the degrees or --nproc-per-node"
+            )
         if cfg.run.max_restarts and int(os.environ["RANK"]) == 0:
-            log.warning("run.max_restarts applies to meshtrain's own launcher; under torchrun "
-                        "pass --max-restarts to torchrun")
+            log.warning(
+                "run.max_restarts applies to meshtrain's own launcher; under torchrun "
+                "pass --max-restarts to torchrun"
+            )
         # Local rank 0 of each node prepares; the others wait in init_process_group meanwhile.
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             prepare(job)
@@ -75,12 +79,24 @@ def _launch_local(job: Job) -> int:
     if job.device_type == "cpu" and PEAK_ENV not in os.environ:
         os.environ[PEAK_ENV] = str(measure_peak_flops(torch.device("cpu")))
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=cfg.world_size,
-        run_id=f"meshtrain-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=cfg.run.max_restarts,
-        monitor_interval=0.5, start_method=_start_method(job), local_addr="127.0.0.1")
-    log.info("starting %d local workers (dp=%d pp=%d tp=%d)", cfg.world_size,
-             cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp)
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=cfg.world_size,
+        run_id=f"meshtrain-{uuid.uuid4().hex[:8]}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{_free_port()}",
+        max_restarts=cfg.run.max_restarts,
+        monitor_interval=0.5,
+        start_method=_start_method(job),
+        local_addr="127.0.0.1",
+    )
+    log.info(
+        "starting %d local workers (dp=%d pp=%d tp=%d)",
+        cfg.world_size,
+        cfg.parallel.dp,
+        cfg.parallel.pp,
+        cfg.parallel.tp,
+    )
     try:
         elastic_launch(config, _worker_main)(str(cfg.path), cfg.raw)
     except ChildFailedError as err:
@@ -88,8 +104,11 @@ def _launch_local(job: Job) -> int:
         # reports whichever failure it saw first: name the ranks that stopped silently first.
         silent = _silent_ranks(cfg.run_dir, cfg.world_size)
         for rank in silent:
-            log.error("rank %d failed: it stopped without a Python error (killed or crashed); "
-                      "see %s", rank, cfg.run_dir / "logs" / f"rank{rank}.log")
+            log.error(
+                "rank %d failed: it stopped without a Python error (killed or crashed); see %s",
+                rank,
+                cfg.run_dir / "logs" / f"rank{rank}.log",
+            )
         for rank, failure in sorted(err.failures.items()):
             if rank not in silent:
                 log.error("rank %d failed: %s", rank, _failure_text(failure))
@@ -103,7 +122,7 @@ def _silent_ranks(run_dir: Path, world: int) -> list[int]:
     for rank in range(world):
         path = run_dir / "logs" / f"rank{rank}.log"
         text = path.read_text() if path.is_file() else ""
-        last = text[text.rfind(STARTED):]
+        last = text[text.rfind(STARTED) :]
         if STARTED in last and FINISHED not in last and FAILED not in last:
             silent.append(rank)
     return silent
@@ -119,7 +138,8 @@ def _start_method(job: Job) -> str:
     import multiprocessing
 
     multiprocessing.set_forkserver_preload(
-        ["torch", "transformers", "meshtrain.train", *job.plugins.module_names()])
+        ["torch", "transformers", "meshtrain.train", *job.plugins.module_names()]
+    )
     return "forkserver"
 
 
@@ -175,22 +195,29 @@ def _failure_text(failure: object) -> str:
         message = message.get("message", message) if isinstance(message, dict) else message
     if not message:
         code = getattr(failure, "exitcode", "?")
-        message = f"exit code {code}" if isinstance(code, int) and code >= 0 else \
-            f"killed by signal {getattr(failure, 'signal_name', lambda: -code)()}"
+        message = (
+            f"exit code {code}"
+            if isinstance(code, int) and code >= 0
+            else f"killed by signal {getattr(failure, 'signal_name', lambda: -code)()}"
+        )
     return str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
 
 
 def _slurm_to_torchrun_env() -> None:
     """Under srun, map Slurm's ids to the variables torch.distributed reads."""
-    if "SLURM_PROCID" in os.environ and "RANK" not in os.environ and \
-            int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    if (
+        "SLURM_PROCID" in os.environ
+        and "RANK" not in os.environ
+        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    ):
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ.setdefault("MASTER_PORT", "29500")
         if "MASTER_ADDR" not in os.environ:
-            raise UserError("under srun, set MASTER_ADDR to the first node's address "
-                            "(see configs/slurm.sbatch)")
+            raise UserError(
+                "under srun, set MASTER_ADDR to the first node's address (see configs/slurm.sbatch)"
+            )
 
 
 def _free_port() -> int:

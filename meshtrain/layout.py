@@ -77,9 +77,18 @@ def build_layout(job: Job) -> list[RankLayout]:
         for pp_i in range(par.pp):
             ids, ranges, params, memory = per_pp[pp_i]
             for tp_i in range(par.tp):
-                rows.append(RankLayout(rank=rank_of(dp_i, pp_i, tp_i, par.pp, par.tp),
-                                       dp=dp_i, pp=pp_i, tp=tp_i, stages=ids, layers=ranges,
-                                       params=params, memory=memory))
+                rows.append(
+                    RankLayout(
+                        rank=rank_of(dp_i, pp_i, tp_i, par.pp, par.tp),
+                        dp=dp_i,
+                        pp=pp_i,
+                        tp=tp_i,
+                        stages=ids,
+                        layers=ranges,
+                        params=params,
+                        memory=memory,
+                    )
+                )
     return rows
 
 
@@ -98,8 +107,14 @@ def _pp_rank_summary(job: Job, model: nn.Module, pp_i: int) -> tuple:
     ranges = partition_layers(shape.num_layers, job.num_stages)
     params = local_parameters(job, stages)
     last = job.num_stages - 1 in ids
-    memory = estimate_memory(job, params, sum(len(ranges[i]) for i in ids), pp_i, last=last,
-                             working=_working_params(job, stages, params))
+    memory = estimate_memory(
+        job,
+        params,
+        sum(len(ranges[i]) for i in ids),
+        pp_i,
+        last=last,
+        working=_working_params(job, stages, params),
+    )
     return ids, [ranges[i] for i in ids], params, memory
 
 
@@ -108,8 +123,7 @@ def local_parameters(job: Job, stages: list[nn.Module]) -> int:
     are split; norms stay replicated), everything divided by dp under parallel.dp_shard."""
     par = job.config.parallel
     everything = [p for stage in stages for p in stage.parameters()]
-    return _count(everything, _tp_sharded(job, stages), par.tp,
-                  par.dp if par.dp_shard else 1)
+    return _count(everything, _tp_sharded(job, stages), par.tp, par.dp if par.dp_shard else 1)
 
 
 def _tp_sharded(job: Job, stages: list[nn.Module]) -> set[int]:
@@ -126,8 +140,10 @@ def _tp_sharded(job: Job, stages: list[nn.Module]) -> set[int]:
 def _count(params, sharded: set[int], tp: int, dp: int) -> int:
     """Elements per rank of the distinct `params`, split over tp where sharded and over dp."""
     unique = {id(p): p for p in params}
-    return sum(_ceil_div(_ceil_div(p.numel(), tp) if key in sharded else p.numel(), dp)
-               for key, p in unique.items())
+    return sum(
+        _ceil_div(_ceil_div(p.numel(), tp) if key in sharded else p.numel(), dp)
+        for key, p in unique.items()
+    )
 
 
 def _working_params(job: Job, stages: list[nn.Module], params: int) -> int:
@@ -136,16 +152,22 @@ def _working_params(job: Job, stages: list[nn.Module], params: int) -> int:
     if not (par.dp_shard and par.dp > 1):
         return params if par.dp > 1 else 0
     sharded = _tp_sharded(job, stages)
-    blocks = [b for stage in stages for m in stage.modules()
-              if isinstance(m, nn.ModuleList | nn.ModuleDict) for b in m.children()]
+    blocks = [
+        b
+        for stage in stages
+        for m in stage.modules()
+        if isinstance(m, nn.ModuleList | nn.ModuleDict)
+        for b in m.children()
+    ]
     sizes = [_count(b.parameters(), sharded, par.tp, 1) for b in blocks]
     everything = [p for stage in stages for p in stage.parameters()]
     root = _count(everything, sharded, par.tp, 1) - sum(sizes)
     return 2 * root + 3 * max(sizes, default=0)
 
 
-def estimate_memory(job: Job, params: int, num_layers: int, pp_i: int, *,
-                    last: bool, working: int = 0) -> MemoryEstimate:
+def estimate_memory(
+    job: Job, params: int, num_layers: int, pp_i: int, *, last: bool, working: int = 0
+) -> MemoryEstimate:
     """Peak bytes on one rank of pp rank `pp_i` holding `num_layers` layers and `params`.
 
     Activations kept for backward, per token and layer, in fp32 floats (no recomputation):
@@ -165,9 +187,13 @@ def estimate_memory(job: Job, params: int, num_layers: int, pp_i: int, *,
     in_flight = min(train.grad_acc, par.pp - pp_i)
     activations = int(tokens * num_layers * (replicated + split) * BYTES_FP32 * in_flight)
     logits = tokens * shape.vocab_size // par.tp * BYTES_FP32 * LOGITS_COPIES if last else 0
-    return MemoryEstimate(state=params * STATE_BYTES_PER_PARAM, activations=activations,
-                          logits=logits, working=working * BYTES_FP32,
-                          baseline=WORKER_BASELINE_BYTES)
+    return MemoryEstimate(
+        state=params * STATE_BYTES_PER_PARAM,
+        activations=activations,
+        logits=logits,
+        working=working * BYTES_FP32,
+        baseline=WORKER_BASELINE_BYTES,
+    )
 
 
 def _ceil_div(a: int, b: int) -> int:

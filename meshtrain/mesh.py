@@ -49,11 +49,14 @@ def init_mesh(config: Config, device_type: str) -> Mesh:
         if "RANK" in os.environ:
             dist.init_process_group(backend, timeout=timeout)
         else:  # a world of one, in-process: same code path, no launcher
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    timeout=timeout)
+            dist.init_process_group(
+                backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     if dist.get_world_size() != config.world_size:
-        raise UserError(f"{config.path}: parallel.dp * parallel.pp * parallel.tp = "
-                        f"{config.world_size} but the world has {dist.get_world_size()} processes")
+        raise UserError(
+            f"{config.path}: parallel.dp * parallel.pp * parallel.tp = "
+            f"{config.world_size} but the world has {dist.get_world_size()} processes"
+        )
     if device_type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         device = torch.device("cuda", torch.cuda.current_device())
@@ -61,9 +64,16 @@ def init_mesh(config: Config, device_type: str) -> Mesh:
         device = torch.device(device_type)
     mesh = init_device_mesh(device_type, (par.dp, par.pp, par.tp), mesh_dim_names=AXES)
     coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
-    return Mesh(mesh=mesh, device=device, rank=dist.get_rank(), world=dist.get_world_size(),
-                dp_rank=coords["dp"], pp_rank=coords["pp"], tp_rank=coords["tp"],
-                tied_group=_tied_group(mesh, par.dp, par.pp, par.tp))
+    return Mesh(
+        mesh=mesh,
+        device=device,
+        rank=dist.get_rank(),
+        world=dist.get_world_size(),
+        dp_rank=coords["dp"],
+        pp_rank=coords["pp"],
+        tp_rank=coords["tp"],
+        tied_group=_tied_group(mesh, par.dp, par.pp, par.tp),
+    )
 
 
 def _tied_group(mesh: DeviceMesh, dp: int, pp: int, tp: int) -> dist.ProcessGroup | None:

@@ -22,8 +22,9 @@ log = logging.getLogger("meshtrain")
 PEAK_ENV = "MESHTRAIN_PEAK_FLOPS"
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32,
-                       seconds: float = 0.5) -> float:
+def measure_peak_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5
+) -> float:
     """Dense matmul FLOP/s on `device`; on a CPU with every core (the machine's peak, which all
     local workers share)."""
     if device.type == "cpu":
@@ -80,9 +81,11 @@ class MetricsLog:
         step = m["step"]
         elapsed = time.perf_counter() - self.started
         eta = elapsed / max(1, m["steps_this_run"]) * (self.total - step)
-        text = (f"step {step}/{self.total} loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
-                f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f} s/step "
-                f"mfu {m['mfu']:.1%} mem {m['peak_mem_total_gib']:.1f} GiB eta {eta:.0f}s")
+        text = (
+            f"step {step}/{self.total} loss {m['loss']:.4f} grad_norm {m['grad_norm']:.3f} "
+            f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f} s/step "
+            f"mfu {m['mfu']:.1%} mem {m['peak_mem_total_gib']:.1f} GiB eta {eta:.0f}s"
+        )
         if self.tty:
             done = int(20 * step / self.total)
             bar = "#" * done + "." * (20 - done)
@@ -102,8 +105,10 @@ def _tensorboard_writer(run_dir: Path) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        log.warning("log.tensorboard = true but the tensorboard package is not installed "
-                    "(pip install tensorboard); writing metrics.jsonl only")
+        log.warning(
+            "log.tensorboard = true but the tensorboard package is not installed "
+            "(pip install tensorboard); writing metrics.jsonl only"
+        )
         return None
     return SummaryWriter(str(run_dir / "tensorboard"))
 

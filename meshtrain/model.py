@@ -57,8 +57,9 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
     del full
     tied = {copy: source for source, copy in job.family.tied_parameters(job.model_config)}
     for stage in stages:
-        apply_tensor_parallel(stage, job.family, mesh.mesh["tp"],
-                              sequence_parallel=par.sequence_parallel)
+        apply_tensor_parallel(
+            stage, job.family, mesh.mesh["tp"], sequence_parallel=par.sequence_parallel
+        )
         stage.to_empty(device=mesh.device)
         job.family.init_buffers(stage)
         _retie(stage, tied)
@@ -80,8 +81,9 @@ def _retie(stage: nn.Module, tied: dict[str, str]) -> None:
             setattr(owner, attr, stage.get_parameter(source))
 
 
-def _collect(stages: list[nn.Module], ids: list[int], num_stages: int, mesh: Mesh,
-             tied: dict[str, str]) -> ParallelModel:
+def _collect(
+    stages: list[nn.Module], ids: list[int], num_stages: int, mesh: Mesh, tied: dict[str, str]
+) -> ParallelModel:
     params, names, weights, tied_params = [], [], [], []
     seen: set[int] = set()
     for stage in stages:
@@ -96,17 +98,26 @@ def _collect(stages: list[nn.Module], ids: list[int], num_stages: int, mesh: Mes
             weights.append(0.0 if is_copy else 1.0 / _replicas(p, mesh))
             if in_pair and mesh.size("pp") > 1:
                 tied_params.append(p)
-    return ParallelModel(stages=stages, stage_ids=ids, num_stages=num_stages, params=params,
-                         names=names, norm_weights=weights, tied=tied_params)
+    return ParallelModel(
+        stages=stages,
+        stage_ids=ids,
+        num_stages=num_stages,
+        params=params,
+        names=names,
+        norm_weights=weights,
+        tied=tied_params,
+    )
 
 
 def _replicas(p: torch.Tensor, mesh: Mesh) -> int:
     sharded = set()
     if isinstance(p, DTensor):
         # Not placement.is_shard(): FSDP2 + TP's _StridedShard answers False to it in torch 2.13.
-        sharded = {axis for axis, placement in zip(p.device_mesh.mesh_dim_names, p.placements,
-                                                   strict=True)
-                   if not (placement.is_replicate() or placement.is_partial())}
+        sharded = {
+            axis
+            for axis, placement in zip(p.device_mesh.mesh_dim_names, p.placements, strict=True)
+            if not (placement.is_replicate() or placement.is_partial())
+        }
     return math.prod(mesh.size(axis) for axis in ("dp", "tp") if axis not in sharded)
 
 

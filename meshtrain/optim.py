@@ -25,9 +25,16 @@ def build_optimizer(params: list[torch.nn.Parameter], train: TrainSection) -> Ad
         groups.setdefault((isinstance(p, DTensor), p.ndim >= 2), []).append(p)
     # fused: one kernel per group and no foreach temporaries (a full copy of the parameters
     # each), which were gigabytes of peak memory in the 8-worker reference run.
-    return AdamW([{"params": ps, "weight_decay": train.weight_decay if decay else 0.0}
-                  for (_, decay), ps in sorted(groups.items())],
-                 lr=train.lr, betas=(0.9, 0.95), eps=1e-8, fused=True)
+    return AdamW(
+        [
+            {"params": ps, "weight_decay": train.weight_decay if decay else 0.0}
+            for (_, decay), ps in sorted(groups.items())
+        ],
+        lr=train.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+        fused=True,
+    )
 
 
 def build_lr_schedule(optimizer: AdamW, train: TrainSection) -> LambdaLR:
@@ -50,8 +57,11 @@ def local_grad(p: torch.Tensor) -> torch.Tensor | None:
 
 def weighted_square_norm(params: list, weights: list[float]) -> torch.Tensor:
     """This rank's share of the squared global gradient norm (fp64, a 0-d tensor)."""
-    squares = [w * local_grad(p).detach().double().square().sum()
-               for p, w in zip(params, weights, strict=True) if w and p.grad is not None]
+    squares = [
+        w * local_grad(p).detach().double().square().sum()
+        for p, w in zip(params, weights, strict=True)
+        if w and p.grad is not None
+    ]
     return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
 
 

@@ -39,22 +39,29 @@ def describe_stages(num_layers: int, num_stages: int) -> list[str]:
     lines = []
     for index, layers in enumerate(partition_layers(num_layers, num_stages)):
         parts = ["embedding"] if index == 0 else []
-        parts.append(f"layer {layers.start}" if len(layers) == 1
-                     else f"layers {layers.start}-{layers.stop - 1}")
+        parts.append(
+            f"layer {layers.start}"
+            if len(layers) == 1
+            else f"layers {layers.start}-{layers.stop - 1}"
+        )
         parts += ["norm + head"] if index == num_stages - 1 else []
         lines.append(f"stage {index}: {', '.join(parts)}")
     return lines
 
 
-def split_model(family: Any, model: nn.Module, num_layers: int, ids: list[int],
-                num_stages: int) -> list[nn.Module]:
+def split_model(
+    family: Any, model: nn.Module, num_layers: int, ids: list[int], num_stages: int
+) -> list[nn.Module]:
     """This rank's stage modules, cut from the full (meta) model by the family."""
     ranges = partition_layers(num_layers, num_stages)
     return [family.split(model, ranges[i], first=i == 0, last=i == num_stages - 1) for i in ids]
 
 
-def build_pipeline_stages(stages: list[nn.Module], ids: list[int], num_stages: int,
-                          device: torch.device, group: Any) -> list[PipelineStage]:
+def build_pipeline_stages(
+    stages: list[nn.Module], ids: list[int], num_stages: int, device: torch.device, group: Any
+) -> list[PipelineStage]:
     """Wrap stage modules for the schedule; shapes are inferred on the first step."""
-    return [PipelineStage(module, index, num_stages, device, group=group)
-            for module, index in zip(stages, ids, strict=True)]
+    return [
+        PipelineStage(module, index, num_stages, device, group=group)
+        for module, index in zip(stages, ids, strict=True)
+    ]

@@ -15,8 +15,11 @@ import pluggy
 from meshtrain import hookspecs
 from meshtrain.errors import UserError, suggest
 
-CATALOGS = {"model_families": "model family", "pipeline_schedules": "pipeline schedule",
-            "data_sources": "data source"}
+CATALOGS = {
+    "model_families": "model family",
+    "pipeline_schedules": "pipeline schedule",
+    "data_sources": "data source",
+}
 
 
 @dataclass(frozen=True)
@@ -54,13 +57,16 @@ class Plugins:
             owner = self.pm.get_name(impl.plugin)
             provided = impl.function()
             if not isinstance(provided, dict):
-                raise UserError(f"plugin {owner}: hook {hook} must return a dict, "
-                                f"got {type(provided).__name__}")
+                raise UserError(
+                    f"plugin {owner}: hook {hook} must return a dict, got {type(provided).__name__}"
+                )
             for name, provider in provided.items():
                 if name in merged:
-                    raise UserError(f"{CATALOGS[hook]} {name!r} is provided twice: by plugin "
-                                    f"{merged[name][1]} and by plugin {owner}; disable one with "
-                                    "[plugins] disable = [...]")
+                    raise UserError(
+                        f"{CATALOGS[hook]} {name!r} is provided twice: by plugin "
+                        f"{merged[name][1]} and by plugin {owner}; disable one with "
+                        "[plugins] disable = [...]"
+                    )
                 merged[name] = (provider, owner)
         return merged
 
@@ -69,8 +75,10 @@ class Plugins:
         catalog = self.catalogs[hook]
         if name not in catalog:
             available = ", ".join(sorted(catalog)) or "none installed"
-            raise UserError(f"{key}: unknown {CATALOGS[hook]} {name!r}{suggest(name, catalog)}; "
-                            f"available: {available}")
+            raise UserError(
+                f"{key}: unknown {CATALOGS[hook]} {name!r}{suggest(name, catalog)}; "
+                f"available: {available}"
+            )
         return catalog[name][0]
 
     def module_names(self) -> list[str]:
@@ -85,13 +93,19 @@ class Plugins:
             name = self.pm.get_name(plugin)
             dist = dists.get(id(plugin))
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-            provides = {hook: sorted(n for n, (_, owner) in self.catalogs[hook].items()
-                                     if owner == name) for hook in CATALOGS}
-            infos.append(PluginInfo(
-                name=name,
-                distribution=dist.project_name if dist else "(registered directly)",
-                version=dist.version if dist else "-",
-                hooks=hooks, provides={k: v for k, v in provides.items() if v}))
+            provides = {
+                hook: sorted(n for n, (_, owner) in self.catalogs[hook].items() if owner == name)
+                for hook in CATALOGS
+            }
+            infos.append(
+                PluginInfo(
+                    name=name,
+                    distribution=dist.project_name if dist else "(registered directly)",
+                    version=dist.version if dist else "-",
+                    hooks=hooks,
+                    provides={k: v for k, v in provides.items() if v},
+                )
+            )
         return sorted(infos, key=lambda info: info.name)
 
 

@@ -32,25 +32,36 @@ class TokenLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # logits (B, T, V), vocab-sharded DTensor under tp; labels (B, T)
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                               ignore_index=IGNORE, reduction="sum")
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+        )
         return loss * self.scale
 
 
 class Stepper:
     """Runs forward + backward of one global step on this rank."""
 
-    def __init__(self, model: ParallelModel, mesh: Mesh, schedule_provider: Any,
-                 grad_acc: int, precision: str):
+    def __init__(
+        self,
+        model: ParallelModel,
+        mesh: Mesh,
+        schedule_provider: Any,
+        grad_acc: int,
+        precision: str,
+    ):
         self.model, self.mesh, self.grad_acc = model, mesh, grad_acc
         self.loss_fn = TokenLoss()
         self.schedule = None
         if mesh.size("pp") > 1:
-            stages = build_pipeline_stages(model.stages, model.stage_ids, model.num_stages,
-                                           mesh.device, mesh.group("pp"))
+            stages = build_pipeline_stages(
+                model.stages, model.stage_ids, model.num_stages, mesh.device, mesh.group("pp")
+            )
             self.schedule = schedule_provider.build(stages, grad_acc, self.loss_fn)
-        self.autocast = (torch.autocast(mesh.device.type, dtype=torch.bfloat16)
-                         if precision == "bf16" else contextlib.nullcontext())
+        self.autocast = (
+            torch.autocast(mesh.device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else contextlib.nullcontext()
+        )
 
     def run(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Forward + backward of this rank's rows of the global batch (n, T+1).

@@ -27,8 +27,9 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel, parallelize_module
 
 
-def apply_tensor_parallel(stage: nn.Module, family: Any, tp_mesh: DeviceMesh, *,
-                          sequence_parallel: bool) -> None:
+def apply_tensor_parallel(
+    stage: nn.Module, family: Any, tp_mesh: DeviceMesh, *, sequence_parallel: bool
+) -> None:
     """Shard `stage` in place over `tp_mesh` (a no-op for tp = 1)."""
     if tp_mesh.size() == 1:
         return
@@ -63,8 +64,9 @@ class VocabParallelEmbedding(ParallelStyle):
         return module
 
 
-def _lookup(module: nn.Embedding, mesh: DeviceMesh, output_layout: Placement,
-            ids: torch.Tensor) -> torch.Tensor:
+def _lookup(
+    module: nn.Embedding, mesh: DeviceMesh, output_layout: Placement, ids: torch.Tensor
+) -> torch.Tensor:
     local = module.weight.to_local()  # (V / tp, C); its grad comes back as Shard(0)
     rows = local.shape[0]
     start = mesh.get_local_rank() * rows

@@ -1,7 +1,7 @@
 """The training loop, run by every worker: build, then step, log and checkpoint until done.
 
-    batch -> forward/backward (pipelined or not) -> dp grad sync -> tied grad sync
-          -> global grad norm + clip -> AdamW + LR -> metrics -> checkpoint every N steps
+batch -> forward/backward (pipelined or not) -> dp grad sync -> tied grad sync
+      -> global grad norm + clip -> AdamW + LR -> metrics -> checkpoint every N steps
 """
 
 from __future__ import annotations
@@ -57,8 +57,11 @@ def run_worker(job: Job) -> list[dict]:
     trainer = build_trainer(job)
     cfg, rank = job.config, trainer.mesh.rank
     hook = job.plugins.hook
-    metrics_log = (MetricsLog(cfg.run_dir, cfg.train.steps, cfg.log.every, cfg.log.tensorboard)
-                   if rank == 0 else None)
+    metrics_log = (
+        MetricsLog(cfg.run_dir, cfg.train.steps, cfg.log.every, cfg.log.tensorboard)
+        if rank == 0
+        else None
+    )
     hook.on_train_start(config=cfg, rank=rank)
     history: list[dict] = []
     while trainer.step < cfg.train.steps:
@@ -84,19 +87,28 @@ def build_trainer(job: Job) -> Trainer:
     if mesh.rank == 0:
         for warning in job.warnings:
             log.warning(warning)
-        log.info("mesh dp=%d pp=%d tp=%d on %s; %s", cfg.parallel.dp, cfg.parallel.pp,
-                 cfg.parallel.tp, mesh.device, "; ".join(
-                     describe_stages(job.shape.num_layers, job.num_stages)))
+        log.info(
+            "mesh dp=%d pp=%d tp=%d on %s; %s",
+            cfg.parallel.dp,
+            cfg.parallel.pp,
+            cfg.parallel.tp,
+            mesh.device,
+            "; ".join(describe_stages(job.shape.num_layers, job.num_stages)),
+        )
     resume_from = checkpoint.find_resume(cfg)
     weights = "none" if resume_from else "pretrained" if cfg.model.pretrained else "init"
     model = build_parallel_model(job, mesh, weights=weights)
     optimizer = build_optimizer(model.params, cfg.train)
-    trainer = Trainer(job=job, mesh=mesh, model=model,
-                      stepper=Stepper(model, mesh, job.schedule, cfg.train.grad_acc,
-                                      cfg.train.precision),
-                      optimizer=optimizer, lr_schedule=build_lr_schedule(optimizer, cfg.train),
-                      data=job.source.open(job.data_options, data_context(job, mesh.dp_rank)),
-                      peak_flops=peak_flops(mesh))
+    trainer = Trainer(
+        job=job,
+        mesh=mesh,
+        model=model,
+        stepper=Stepper(model, mesh, job.schedule, cfg.train.grad_acc, cfg.train.precision),
+        optimizer=optimizer,
+        lr_schedule=build_lr_schedule(optimizer, cfg.train),
+        data=job.source.open(job.data_options, data_context(job, mesh.dp_rank)),
+        peak_flops=peak_flops(mesh),
+    )
     if resume_from is not None:
         checkpoint.load(trainer, resume_from)
     return trainer
@@ -120,9 +132,18 @@ def train_step(t: Trainer) -> dict:
     t.step += 1
     elapsed = time.perf_counter() - start
     flops = t.job.family.flops_per_token(t.job.model_config, cfg.train.seq_len) * tokens
-    return {"step": t.step, "loss": stats["loss"], "grad_norm": stats["grad_norm"], "lr": lr,
-            "tokens": tokens, "step_time_s": elapsed, "tokens_per_s": tokens / elapsed,
-            "mfu": flops / elapsed / t.peak_flops, **stats["memory"], "cpu_s": stats["cpu_s"]}
+    return {
+        "step": t.step,
+        "loss": stats["loss"],
+        "grad_norm": stats["grad_norm"],
+        "lr": lr,
+        "tokens": tokens,
+        "step_time_s": elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "mfu": flops / elapsed / t.peak_flops,
+        **stats["memory"],
+        "cpu_s": stats["cpu_s"],
+    }
 
 
 def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
@@ -133,24 +154,34 @@ def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
     share = float(loss) / mesh.size("dp") if reporter else 0.0
     square = weighted_square_norm(model.params, model.norm_weights).to(mesh.device)
     rss = peak_rss_gib()
-    local = torch.tensor([share, 0.0, rss, time.process_time() - cpu_start],
-                         dtype=torch.float64, device=mesh.device)
+    local = torch.tensor(
+        [share, 0.0, rss, time.process_time() - cpu_start], dtype=torch.float64, device=mesh.device
+    )
     local[1] = square
     dist.all_reduce(local)
     peak = torch.tensor(rss, device=mesh.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-    return {"loss": float(local[0]), "grad_norm": math.sqrt(float(local[1])),
-            "cpu_s": float(local[3]),
-            "memory": {"peak_mem_total_gib": float(local[2]),
-                       "peak_mem_max_rank_gib": float(peak)}}
+    return {
+        "loss": float(local[0]),
+        "grad_norm": math.sqrt(float(local[1])),
+        "cpu_s": float(local[3]),
+        "memory": {"peak_mem_total_gib": float(local[2]), "peak_mem_max_rank_gib": float(peak)},
+    }
 
 
 def data_context(job: Job, dp_rank: int) -> DataContext:
     cfg = job.config
-    return DataContext(seq_len=cfg.train.seq_len, micro_batch_size=cfg.train.micro_batch_size,
-                       grad_acc=cfg.train.grad_acc, dp=cfg.parallel.dp, dp_rank=dp_rank,
-                       seed=cfg.train.seed, vocab_size=job.shape.vocab_size,
-                       run_dir=cfg.run_dir, cache_dir=cache_dir())
+    return DataContext(
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_acc=cfg.train.grad_acc,
+        dp=cfg.parallel.dp,
+        dp_rank=dp_rank,
+        seed=cfg.train.seed,
+        vocab_size=job.shape.vocab_size,
+        run_dir=cfg.run_dir,
+        cache_dir=cache_dir(),
+    )
 
 
 def cache_dir() -> Path:

@@ -26,8 +26,9 @@ def param_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def init_weights(stages: list[nn.Module], family: Any, model_config: Any, seed: int,
-                 tied: dict[str, str]) -> None:
+def init_weights(
+    stages: list[nn.Module], family: Any, model_config: Any, seed: int, tied: dict[str, str]
+) -> None:
     """Deterministic init of every parameter of `stages` (already on their device)."""
 
     def local_value(name: str, param: torch.Tensor) -> torch.Tensor:
@@ -36,8 +37,9 @@ def init_weights(stages: list[nn.Module], family: Any, model_config: Any, seed: 
         if not isinstance(param, DTensor):
             return full
         # src_data_rank=None: every rank holds the full value, so slice without messages.
-        return distribute_tensor(full, param.device_mesh, param.placements,
-                                 src_data_rank=None).to_local()
+        return distribute_tensor(
+            full, param.device_mesh, param.placements, src_data_rank=None
+        ).to_local()
 
     fill_parameters(stages, tied, local_value)
 
@@ -56,19 +58,25 @@ def load_hf_weights(stages: list[nn.Module], folder: Path, tied: dict[str, str])
             raise UserError(f"model.name: {folder} has no tensor {name!r}")
         tensor = handles[files[key]].get_slice(key)
         if list(tensor.get_shape()) != list(param.shape):
-            raise UserError(f"model.name: {folder}: {key} has shape {tensor.get_shape()}, "
-                            f"the model expects {list(param.shape)}")
+            raise UserError(
+                f"model.name: {folder}: {key} has shape {tensor.get_shape()}, "
+                f"the model expects {list(param.shape)}"
+            )
         if not isinstance(param, DTensor):
             return tensor[:]
-        shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh,
-                                                              param.placements)
+        shape, offset = compute_local_shape_and_global_offset(
+            param.shape, param.device_mesh, param.placements
+        )
         return tensor[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
 
     fill_parameters(stages, tied, local_value)
 
 
-def fill_parameters(stages: list[nn.Module], tied: dict[str, str],
-                    local_value: Callable[[str, torch.Tensor], torch.Tensor]) -> None:
+def fill_parameters(
+    stages: list[nn.Module],
+    tied: dict[str, str],
+    local_value: Callable[[str, torch.Tensor], torch.Tensor],
+) -> None:
     """Copy `local_value(name, param)` into each parameter's local tensor."""
     with torch.no_grad():
         for stage in stages:
@@ -96,8 +104,10 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
         return {name: folder / file for name, file in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.is_file():
-        raise UserError(f"model.name: {folder} has no model.safetensors or "
-                        "model.safetensors.index.json (model.pretrained = true needs weights)")
+        raise UserError(
+            f"model.name: {folder} has no model.safetensors or "
+            "model.safetensors.index.json (model.pretrained = true needs weights)"
+        )
     from safetensors import safe_open
 
     with safe_open(str(single), framework="pt") as handle:

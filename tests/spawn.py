@@ -23,14 +23,24 @@ def run_world(world: int, runs: list[tuple[str, list[str]]], out: Path) -> list[
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     result = out / f"world{world}.json"
-    mp.start_processes(_worker, args=(world, port, runs, str(result)), nprocs=world,
-                       start_method="spawn", join=True)
+    mp.start_processes(
+        _worker,
+        args=(world, port, runs, str(result)),
+        nprocs=world,
+        start_method="spawn",
+        join=True,
+    )
     return json.loads(result.read_text())
 
 
 def _worker(rank: int, world: int, port: int, runs: list, result: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     os.environ.setdefault("MESHTRAIN_PEAK_FLOPS", "1e11")
     torch.set_num_threads(1)
     from meshtrain.config import load_config

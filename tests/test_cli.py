@@ -23,14 +23,20 @@ SMOLLM = ROOT / "configs" / "smollm_cpu.toml"
 
 
 def meshtrain(*args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshtrain", *args], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, **env})
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrain", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, **env},
+    )
 
 
 def rank_rows(stdout: str) -> list[list[str]]:
     """The rank table: rank, (dp, pp, tp), stage, layers, params, memory columns."""
-    rows = re.findall(r"^\s*(\d+)\s+\((\d+), (\d+), (\d+)\)\s+(\S+)\s+(\S+)\s+([\d,]+)\s", stdout,
-                      re.M)
+    rows = re.findall(
+        r"^\s*(\d+)\s+\((\d+), (\d+), (\d+)\)\s+(\S+)\s+(\S+)\s+([\d,]+)\s", stdout, re.M
+    )
     return [list(row) for row in rows]
 
 
@@ -51,8 +57,9 @@ def test_check_smollm_prints_8_rank_layout():
     assert "8 ranks = dp 2 x pp 2 x tp 2" in out
     assert "stage 0: embedding, layers 0-2\nstage 1: layers 3-4, norm + head" in out
     rows = rank_rows(out)
-    assert [row[:4] for row in rows] == [[str(r), str(r // 4), str(r // 2 % 2), str(r % 2)]
-                                         for r in range(8)]
+    assert [row[:4] for row in rows] == [
+        [str(r), str(r // 4), str(r // 2 % 2), str(r % 2)] for r in range(8)
+    ]
     # stage 0: embedding + 3 layers, stage 1: 2 layers + norm + (tied) head; weights split over
     # tp = 2, then everything over dp = 2 (dp_shard).
     layer = 4 * 2048 * 2048 + 3 * 2048 * 8192
@@ -65,8 +72,18 @@ def test_check_smollm_prints_8_rank_layout():
 
 
 def test_check_set_override_changes_layout():
-    code = main(["check", str(TINY), "--set", "parallel.dp=2", "--set", "parallel.pp=2",
-                 "--set", "parallel.tp=2"])
+    code = main(
+        [
+            "check",
+            str(TINY),
+            "--set",
+            "parallel.dp=2",
+            "--set",
+            "parallel.pp=2",
+            "--set",
+            "parallel.tp=2",
+        ]
+    )
     assert code == 0
 
 
@@ -88,18 +105,29 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 
 BAD_CONFIGS = {
-    "unknown key": ("BASE\n[train]\nstepz = 3\n",
-                    ["train.stepz: unknown key (did you mean train.steps?)"]),
-    "misspelt family": ('BASE\n[model]\nfamily = "lama"\n',
-                        ["model.family: unknown model family 'lama' (did you mean llama?)"]),
-    "tp vs heads": ("BASE\n[parallel]\ntp = 3\n",
-                    ["parallel.tp: 3 does not divide the 4 attention heads",
-                     "parallel.tp: 3 does not divide the 2 key/value heads"]),
-    "wrong types": ("BASE\n[parallel]\ndp = true\n[train]\nsteps = 2.5\n",
-                    ["parallel.dp: expected an integer, got True",
-                     "train.steps: expected an integer, got 2.5"]),
-    "plugin key type": ("BASE\n[model]\nnum_hidden_layers = 2.5\n",
-                        ["model.num_hidden_layers: expected an integer, got 2.5"]),
+    "unknown key": (
+        "BASE\n[train]\nstepz = 3\n",
+        ["train.stepz: unknown key (did you mean train.steps?)"],
+    ),
+    "misspelt family": (
+        'BASE\n[model]\nfamily = "lama"\n',
+        ["model.family: unknown model family 'lama' (did you mean llama?)"],
+    ),
+    "tp vs heads": (
+        "BASE\n[parallel]\ntp = 3\n",
+        [
+            "parallel.tp: 3 does not divide the 4 attention heads",
+            "parallel.tp: 3 does not divide the 2 key/value heads",
+        ],
+    ),
+    "wrong types": (
+        "BASE\n[parallel]\ndp = true\n[train]\nsteps = 2.5\n",
+        ["parallel.dp: expected an integer, got True", "train.steps: expected an integer, got 2.5"],
+    ),
+    "plugin key type": (
+        "BASE\n[model]\nnum_hidden_layers = 2.5\n",
+        ["model.num_hidden_layers: expected an integer, got 2.5"],
+    ),
     "missing base": ('base = "nope.toml"\n', ["base: file not found", "nope.toml"]),
 }
 
@@ -124,7 +152,8 @@ def test_bad_config_subprocess_exit_2_no_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: {path}: model.family: unknown model family 'lama' (did you mean llama?); "
-        "available: llama"]
+        "available: llama"
+    ]
     debug = meshtrain("check", str(path), MESHTRAIN_DEBUG="1")
     assert debug.returncode == 1
     assert "Traceback" in debug.stderr and "ConfigError" in debug.stderr
@@ -146,6 +175,6 @@ def test_missing_config_file_exits_2(tmp_path, capsys):
 def test_toml_value_round_trips():
     import tomllib
 
-    values = {"a": True, "b": 3, "c": 1e-5, "d": "x \"y\"", "e": [1, "z"], "f": {"g": 2}}
+    values = {"a": True, "b": 3, "c": 1e-5, "d": 'x "y"', "e": [1, "z"], "f": {"g": 2}}
     text = "\n".join(f"{k} = {toml_value(v)}" for k, v in values.items())
     assert tomllib.loads(text) == values

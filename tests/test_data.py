@@ -1,6 +1,6 @@
 """meshtrain_data: window streams (dp slices, grad_acc, resume, epochs), synthetic and offline.
 
-    PYTHONPATH=.:plugins pytest tests/test_data.py
+PYTHONPATH=.:plugins pytest tests/test_data.py
 """
 
 import os
@@ -27,8 +27,17 @@ from meshtrain.errors import UserError  # noqa: E402
 
 
 def make_ctx(tmp: Path, **kw) -> DataContext:
-    base = dict(seq_len=8, micro_batch_size=2, grad_acc=2, dp=1, dp_rank=0, seed=3,
-                vocab_size=1000, run_dir=tmp / "run", cache_dir=tmp / "cache")
+    base = dict(
+        seq_len=8,
+        micro_batch_size=2,
+        grad_acc=2,
+        dp=1,
+        dp_rank=0,
+        seed=3,
+        vocab_size=1000,
+        run_dir=tmp / "run",
+        cache_dir=tmp / "cache",
+    )
     return DataContext(**{**base, **kw})
 
 
@@ -71,8 +80,9 @@ def test_micro_batch_and_grad_acc_regrouping_keeps_the_global_batch(tmp_path):
 
 
 def test_windows_overlap_by_one_token_and_drop_the_short_tail(tmp_path):
-    stream = PackedStream(TOKENS, make_ctx(tmp_path, micro_batch_size=13, grad_acc=1),
-                          shuffle=False)
+    stream = PackedStream(
+        TOKENS, make_ctx(tmp_path, micro_batch_size=13, grad_acc=1), shuffle=False
+    )
     batch = stream.next_batch()
     assert torch.equal(batch[:, 0], torch.arange(13) * 8)
     assert torch.equal(batch[:-1, -1], batch[1:, 0])
@@ -154,15 +164,17 @@ def test_offline_second_prepare_reuses_the_cached_tokenizer(offline_run, monkeyp
     run2 = dataclasses.replace(ctx, run_dir=ctx.run_dir.parent / "run2")
     meshtrain_data.data_sources()["offline"].prepare({}, run2)
     assert (run2.run_dir / "tokenizer" / "tokenizer.json").read_text() == (
-        ctx.run_dir / "tokenizer" / "tokenizer.json").read_text()
+        ctx.run_dir / "tokenizer" / "tokenizer.json"
+    ).read_text()
 
 
 def test_loss_falls_on_the_offline_corpus(offline_run):
     ctx, _ = offline_run
     stream = meshtrain_data.data_sources()["offline"].open({}, ctx)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(ctx.vocab_size, 64),
-                                torch.nn.Linear(64, ctx.vocab_size))
+    model = torch.nn.Sequential(
+        torch.nn.Embedding(ctx.vocab_size, 64), torch.nn.Linear(64, ctx.vocab_size)
+    )
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):

@@ -1,6 +1,6 @@
 """meshtrain_data `source = "hf"`: local txt/jsonl/parquet, caching, streaming, one-line errors.
 
-    PYTHONPATH=.:plugins pytest tests/test_data_hf.py
+PYTHONPATH=.:plugins pytest tests/test_data_hf.py
 """
 
 import os
@@ -22,8 +22,9 @@ from meshtrain_data.tokenizer import train_byte_level_bpe  # noqa: E402
 from meshtrain.contracts import DataContext  # noqa: E402
 from meshtrain.errors import UserError  # noqa: E402
 
-DOCS = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 3)
-        for i in range(40)]
+DOCS = [
+    f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 3) for i in range(40)
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +36,17 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def make_ctx(tmp: Path, **kw) -> DataContext:
-    base = dict(seq_len=16, micro_batch_size=2, grad_acc=2, dp=1, dp_rank=0, seed=1,
-                vocab_size=1000, run_dir=tmp / "run", cache_dir=tmp / "cache")
+    base = dict(
+        seq_len=16,
+        micro_batch_size=2,
+        grad_acc=2,
+        dp=1,
+        dp_rank=0,
+        seed=1,
+        vocab_size=1000,
+        run_dir=tmp / "run",
+        cache_dir=tmp / "cache",
+    )
     return DataContext(**{**base, **kw})
 
 
@@ -87,8 +97,10 @@ def test_glob_dp_slices_and_resume_through_the_source(tmp_path, tokenizer_dir):
     options = {"dataset": str(tmp_path / "*.jsonl"), "tokenizer": str(tokenizer_dir)}
     source, ctx, _ = prepare_and_open(tmp_path, options)
     whole = source.open(options, ctx)
-    halves = [source.open(options, dataclasses.replace(ctx, dp=2, dp_rank=r, grad_acc=1))
-              for r in range(2)]
+    halves = [
+        source.open(options, dataclasses.replace(ctx, dp=2, dp_rank=r, grad_acc=1))
+        for r in range(2)
+    ]
     for _ in range(30):  # well past one epoch of this small corpus
         assert torch.equal(whole.next_batch(), torch.cat([h.next_batch() for h in halves]))
     resumed = source.open(options, ctx)
@@ -118,8 +130,10 @@ def test_streaming_matches_the_packed_order_and_resumes(tmp_path, tokenizer_dir)
     packed = source.open(base, ctx)
     stream_opts = {**base, "streaming": True}
     source, sctx, _ = prepare_and_open(tmp_path / "stream", stream_opts)
-    streams = [source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=r, grad_acc=1))
-               for r in range(2)]
+    streams = [
+        source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=r, grad_acc=1))
+        for r in range(2)
+    ]
     for _ in range(3):
         assert torch.equal(packed.next_batch(), torch.cat([s.next_batch() for s in streams]))
     resumed = source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=1, grad_acc=1))
@@ -137,23 +151,26 @@ def error_of(tmp: Path, options: dict, **ctx_kw) -> str:
 
 def test_hub_id_while_offline_fails_fast_naming_the_key(tmp_path, tokenizer_dir):
     start = time.perf_counter()
-    message = error_of(tmp_path, {"dataset": "someone/no-such-dataset",
-                                  "tokenizer": str(tokenizer_dir)})
+    message = error_of(
+        tmp_path, {"dataset": "someone/no-such-dataset", "tokenizer": str(tokenizer_dir)}
+    )
     assert time.perf_counter() - start < 5
     assert message.startswith("data.dataset: 'someone/no-such-dataset'")
     assert 'source = "offline"' in message
 
 
 def test_missing_file_names_the_key(tmp_path, tokenizer_dir):
-    message = error_of(tmp_path, {"dataset": str(tmp_path / "nope.jsonl"),
-                                  "tokenizer": str(tokenizer_dir)})
+    message = error_of(
+        tmp_path, {"dataset": str(tmp_path / "nope.jsonl"), "tokenizer": str(tokenizer_dir)}
+    )
     assert message.startswith("data.dataset: file not found:")
 
 
 def test_missing_column_names_the_available_ones(tmp_path, tokenizer_dir):
     path, _ = write_dataset(tmp_path, "parquet")
-    message = error_of(tmp_path, {"dataset": str(path), "text_column": "body",
-                                  "tokenizer": str(tokenizer_dir)})
+    message = error_of(
+        tmp_path, {"dataset": str(path), "text_column": "body", "tokenizer": str(tokenizer_dir)}
+    )
     assert message.startswith("data.text_column: 'body' is not a column")
     assert "(columns: content, n)" in message
 
@@ -161,8 +178,9 @@ def test_missing_column_names_the_available_ones(tmp_path, tokenizer_dir):
 @pytest.mark.parametrize("content", ["", '{"text": ""}\n'])
 def test_empty_dataset_names_the_key(tmp_path, tokenizer_dir, content):
     (tmp_path / "empty.jsonl").write_text(content)
-    message = error_of(tmp_path, {"dataset": str(tmp_path / "empty.jsonl"),
-                                  "tokenizer": str(tokenizer_dir)})
+    message = error_of(
+        tmp_path, {"dataset": str(tmp_path / "empty.jsonl"), "tokenizer": str(tokenizer_dir)}
+    )
     assert message.startswith("data.dataset: ")
     assert "empty" in message or "no text" in message
 
@@ -183,8 +201,9 @@ def test_tokenizer_not_found_names_the_key(tmp_path):
 
 def test_vocab_larger_than_the_model_names_both_keys(tmp_path, tokenizer_dir):
     path = write_jsonl(tmp_path / "d.jsonl", DOCS)
-    message = error_of(tmp_path, {"dataset": str(path), "tokenizer": str(tokenizer_dir)},
-                       vocab_size=256)
+    message = error_of(
+        tmp_path, {"dataset": str(path), "tokenizer": str(tokenizer_dir)}, vocab_size=256
+    )
     assert message.startswith("data.tokenizer: vocabulary of 300 tokens")
     assert "model.vocab_size = 256" in message
 

@@ -1,7 +1,7 @@
 """End-to-end: the `meshtrain` command as a user runs it, with the elastic launcher and torchrun.
 
-    meshtrain run configs/tiny_cpu.toml --set parallel.dp=2 --set parallel.pp=2 --set parallel.tp=2
-    torchrun --nproc-per-node 8 -m meshtrain run configs/tiny_cpu.toml --set ...
+meshtrain run configs/tiny_cpu.toml --set parallel.dp=2 --set parallel.pp=2 --set parallel.tp=2
+torchrun --nproc-per-node 8 -m meshtrain run configs/tiny_cpu.toml --set ...
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def meshtrain(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "meshtrain", *args], capture_output=True,
-                          text=True, timeout=600, **kwargs)
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrain", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,25 +50,51 @@ def launcher_run(tmp_path_factory) -> Path:
 
 
 def test_cli_run_8_workers_trains_and_logs(launcher_run):
-    metrics = [json.loads(line) for line in (launcher_run / "metrics.jsonl").read_text()
-               .splitlines()]
+    metrics = [
+        json.loads(line) for line in (launcher_run / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in metrics] == list(range(1, 11))
     assert metrics[-1]["loss"] < metrics[0]["loss"] - 0.1
-    for key in ("grad_norm", "lr", "tokens", "step_time_s", "tokens_per_s", "mfu",
-                "peak_mem_total_gib"):
+    for key in (
+        "grad_norm",
+        "lr",
+        "tokens",
+        "step_time_s",
+        "tokens_per_s",
+        "mfu",
+        "peak_mem_total_gib",
+    ):
         assert all(key in m for m in metrics)
     assert metrics[0]["tokens"] == 2 * 2 * 2 * 64  # dp * micro_batch_size * grad_acc * seq_len
-    assert sorted(p.name for p in (launcher_run / "logs").iterdir()) == \
-        [f"rank{r}.log" for r in range(8)]
+    assert sorted(p.name for p in (launcher_run / "logs").iterdir()) == [
+        f"rank{r}.log" for r in range(8)
+    ]
     assert (launcher_run / "tokenizer" / "tokenizer.json").is_file()
 
 
 def test_torchrun_gives_the_launcher_losses(launcher_run, tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc-per-node", "8", "-m", "meshtrain", "run", TINY, *LAYOUT_8,
-                "--set", f'run.dir="{tmp_path}"']
-    result = subprocess.run(torchrun, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "8",
+        "-m",
+        "meshtrain",
+        "run",
+        TINY,
+        *LAYOUT_8,
+        "--set",
+        f'run.dir="{tmp_path}"',
+    ]
+    result = subprocess.run(
+        torchrun,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert losses(tmp_path) == losses(launcher_run)
 
@@ -72,21 +103,36 @@ def test_torchrun_world_size_mismatch_is_a_user_error(tmp_path):
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0"}
     result = meshtrain("run", TINY, *LAYOUT_8, "--set", f'run.dir="{tmp_path}"', env=env)
     assert result.returncode == 2
-    assert "WORLD_SIZE=4" in result.stderr and "parallel.dp * parallel.pp * parallel.tp = 8" \
-        in result.stderr
+    assert (
+        "WORLD_SIZE=4" in result.stderr
+        and "parallel.dp * parallel.pp * parallel.tp = 8" in result.stderr
+    )
     assert "Traceback" not in result.stderr
 
 
 def test_killed_worker_ends_the_job_naming_its_rank(tmp_path):
-    command = [sys.executable, "-m", "meshtrain", "run", TINY, "--set", "parallel.dp=2",
-               "--set", "train.steps=100000", "--set", "train.micro_batch_size=1",
-               "--set", f'run.dir="{tmp_path}"']
+    command = [
+        sys.executable,
+        "-m",
+        "meshtrain",
+        "run",
+        TINY,
+        "--set",
+        "parallel.dp=2",
+        "--set",
+        "train.steps=100000",
+        "--set",
+        "train.micro_batch_size=1",
+        "--set",
+        f'run.dir="{tmp_path}"',
+    ]
     job = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not (
-                (tmp_path / "metrics.jsonl").is_file()
-                and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2):
+            (tmp_path / "metrics.jsonl").is_file()
+            and len((tmp_path / "metrics.jsonl").read_text().splitlines()) >= 2
+        ):
             time.sleep(0.5)
         workers = worker_pids(tmp_path)
         assert sorted(workers) == [0, 1], workers

@@ -1,6 +1,6 @@
 """`meshtrain.layout`: rank coordinates, exact parameter counts per rank, the memory estimate.
 
-    python -m pytest -q tests/test_layout.py
+python -m pytest -q tests/test_layout.py
 """
 
 from pathlib import Path

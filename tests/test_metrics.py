@@ -10,9 +10,20 @@ from meshtrain.metrics import MetricsLog
 
 
 def step_metrics(step: int) -> dict:
-    return {"step": step, "loss": 2.0 / step, "grad_norm": 1.0, "lr": 1e-3, "tokens": 256,
-            "step_time_s": 0.5, "tokens_per_s": 512.0, "mfu": 0.1, "peak_mem_total_gib": 1.5,
-            "peak_mem_max_rank_gib": 0.5, "cpu_s": 1.0, "steps_this_run": step}
+    return {
+        "step": step,
+        "loss": 2.0 / step,
+        "grad_norm": 1.0,
+        "lr": 1e-3,
+        "tokens": 256,
+        "step_time_s": 0.5,
+        "tokens_per_s": 512.0,
+        "mfu": 0.1,
+        "peak_mem_total_gib": 1.5,
+        "peak_mem_max_rank_gib": 0.5,
+        "cpu_s": 1.0,
+        "steps_this_run": step,
+    }
 
 
 def test_jsonl_has_every_step_and_plain_lines_every_n(tmp_path, caplog):

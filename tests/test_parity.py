@@ -24,34 +24,70 @@ STEPS = 6
 RTOL = 1e-5
 
 
-def layout(dp: int = 1, pp: int = 1, tp: int = 1, schedule: str = "1f1b", shard: bool = False,
-           sp: bool = False, grad_acc: int = 2, bf16: bool = False) -> tuple[str, list[str]]:
+def layout(
+    dp: int = 1,
+    pp: int = 1,
+    tp: int = 1,
+    schedule: str = "1f1b",
+    shard: bool = False,
+    sp: bool = False,
+    grad_acc: int = 2,
+    bf16: bool = False,
+) -> tuple[str, list[str]]:
     """A run at global batch 4 = dp * micro_batch_size * grad_acc."""
     name = f"dp{dp}-pp{pp}-tp{tp}-{schedule}{'-shard' if shard else ''}{'-sp' if sp else ''}"
     name += (f"-ga{grad_acc}" if grad_acc != 2 else "") + ("-bf16" if bf16 else "")
-    return name, [f"parallel.dp={dp}", f"parallel.pp={pp}", f"parallel.tp={tp}",
-                  f'pipeline.schedule="{schedule}"', f"parallel.dp_shard={str(shard).lower()}",
-                  f"parallel.sequence_parallel={str(sp).lower()}", f"train.grad_acc={grad_acc}",
-                  f"train.micro_batch_size={4 // (dp * grad_acc)}", f"train.steps={STEPS}",
-                  f'train.precision="{"bf16" if bf16 else "fp32"}"',
-                  "checkpoint.every=0", 'checkpoint.resume="never"']
+    return name, [
+        f"parallel.dp={dp}",
+        f"parallel.pp={pp}",
+        f"parallel.tp={tp}",
+        f'pipeline.schedule="{schedule}"',
+        f"parallel.dp_shard={str(shard).lower()}",
+        f"parallel.sequence_parallel={str(sp).lower()}",
+        f"train.grad_acc={grad_acc}",
+        f"train.micro_batch_size={4 // (dp * grad_acc)}",
+        f"train.steps={STEPS}",
+        f'train.precision="{"bf16" if bf16 else "fp32"}"',
+        "checkpoint.every=0",
+        'checkpoint.resume="never"',
+    ]
 
 
 WORLDS = {
     1: [layout(), layout(grad_acc=1), layout(grad_acc=4), layout(bf16=True)],
-    2: [layout(dp=2), layout(dp=2, shard=True), layout(pp=2), layout(pp=2, schedule="gpipe"),
-        layout(tp=2), layout(tp=2, sp=True), layout(pp=2, schedule="interleaved_1f1b")],
-    4: [layout(dp=2, pp=2, shard=True), layout(dp=2, pp=2, schedule="gpipe"),
-        layout(dp=2, tp=2, shard=True), layout(dp=2, tp=2, sp=True),
-        layout(pp=2, tp=2), layout(pp=2, tp=2, schedule="gpipe"),
-        layout(pp=2, tp=2, schedule="interleaved_1f1b")],
-    8: [layout(2, 2, 2), layout(2, 2, 2, shard=True), layout(2, 2, 2, schedule="gpipe"),
+    2: [
+        layout(dp=2),
+        layout(dp=2, shard=True),
+        layout(pp=2),
+        layout(pp=2, schedule="gpipe"),
+        layout(tp=2),
+        layout(tp=2, sp=True),
+        layout(pp=2, schedule="interleaved_1f1b"),
+    ],
+    4: [
+        layout(dp=2, pp=2, shard=True),
+        layout(dp=2, pp=2, schedule="gpipe"),
+        layout(dp=2, tp=2, shard=True),
+        layout(dp=2, tp=2, sp=True),
+        layout(pp=2, tp=2),
+        layout(pp=2, tp=2, schedule="gpipe"),
+        layout(pp=2, tp=2, schedule="interleaved_1f1b"),
+    ],
+    8: [
+        layout(2, 2, 2),
+        layout(2, 2, 2, shard=True),
+        layout(2, 2, 2, schedule="gpipe"),
         layout(2, 2, 2, schedule="gpipe", shard=True, sp=True),
         layout(2, 2, 2, schedule="interleaved_1f1b", shard=True),
-        layout(2, 2, 2, shard=True, bf16=True)],
+        layout(2, 2, 2, shard=True, bf16=True),
+    ],
 }
-CASES = [(world, index, name) for world, runs in WORLDS.items()
-         for index, (name, _) in enumerate(runs) if (world, index) != (1, 0) and "bf16" not in name]
+CASES = [
+    (world, index, name)
+    for world, runs in WORLDS.items()
+    for index, (name, _) in enumerate(runs)
+    if (world, index) != (1, 0) and "bf16" not in name
+]
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +98,10 @@ def worlds(tmp_path_factory):
     def get(world: int) -> list[list[dict]]:
         if world not in cache:
             out = tmp_path_factory.mktemp(f"world{world}")
-            runs = [(CONFIG, [*overrides, f'run.dir="{out / name}"'])
-                    for name, overrides in WORLDS[world]]
+            runs = [
+                (CONFIG, [*overrides, f'run.dir="{out / name}"'])
+                for name, overrides in WORLDS[world]
+            ]
             cache[world] = run_world(world, runs, out)
         return cache[world]
 
@@ -90,10 +128,12 @@ def test_layout_matches_single_process(worlds, world, index, name):
     for ref, got in zip(reference, run, strict=True):
         step = ref["step"]
         assert got["tokens"] == ref["tokens"]
-        assert abs(got["loss"] - ref["loss"]) <= RTOL * abs(ref["loss"]), \
+        assert abs(got["loss"] - ref["loss"]) <= RTOL * abs(ref["loss"]), (
             f"{name} step {step}: loss {got['loss']} vs {ref['loss']}"
-        assert abs(got["grad_norm"] - ref["grad_norm"]) <= RTOL * abs(ref["grad_norm"]), \
+        )
+        assert abs(got["grad_norm"] - ref["grad_norm"]) <= RTOL * abs(ref["grad_norm"]), (
             f"{name} step {step}: grad_norm {got['grad_norm']} vs {ref['grad_norm']}"
+        )
 
 
 def test_bf16_layout_matches_bf16_single_process_and_fp32(worlds):
@@ -110,17 +150,25 @@ def test_hf_jsonl_source_with_custom_column_keeps_parity_over_dp(tmp_path):
     dp=2 gives the dp=1 losses."""
     from meshtrain_data.tokenizer import train_byte_level_bpe
 
-    docs = [f"Record {i}: meshtrain packs documents into windows, {i} times over. " * (1 + i % 4)
-            for i in range(200)]
+    docs = [
+        f"Record {i}: meshtrain packs documents into windows, {i} times over. " * (1 + i % 4)
+        for i in range(200)
+    ]
     data = tmp_path / "corpus.jsonl"
     data.write_text("".join(json.dumps({"id": i, "body": d}) + "\n" for i, d in enumerate(docs)))
     train_byte_level_bpe(iter(docs), 400).save_pretrained(str(tmp_path / "tok"))
-    source = ['data.source="hf"', f'data.dataset="{data}"', 'data.text_column="body"',
-              f'data.tokenizer="{tmp_path / "tok"}"']
-    one = run_world(1, [(CONFIG, [*layout()[1], *source, f'run.dir="{tmp_path / "a"}"'])],
-                    tmp_path)[0]
-    two = run_world(2, [(CONFIG, [*layout(dp=2)[1], *source, f'run.dir="{tmp_path / "b"}"'])],
-                    tmp_path)[0]
+    source = [
+        'data.source="hf"',
+        f'data.dataset="{data}"',
+        'data.text_column="body"',
+        f'data.tokenizer="{tmp_path / "tok"}"',
+    ]
+    one = run_world(
+        1, [(CONFIG, [*layout()[1], *source, f'run.dir="{tmp_path / "a"}"'])], tmp_path
+    )[0]
+    two = run_world(
+        2, [(CONFIG, [*layout(dp=2)[1], *source, f'run.dir="{tmp_path / "b"}"'])], tmp_path
+    )[0]
     assert one[-1]["loss"] < one[0]["loss"]
     for a, b in zip(one, two, strict=True):
         assert abs(a["loss"] - b["loss"]) <= RTOL * abs(a["loss"]), (a, b)

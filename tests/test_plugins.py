@@ -1,6 +1,6 @@
 """The plugin manager: catalogs, duplicates, unknown names, disable, third-party entry points.
 
-    python -m pytest -q tests/test_plugins.py
+python -m pytest -q tests/test_plugins.py
 """
 
 import ast
@@ -93,8 +93,12 @@ def test_extra_plugin_provides_names():
 
 def test_duplicate_name_names_both_plugins():
     with pytest.raises(UserError) as info:
-        Plugins(extra=[make_plugin("first", schedules=["same"]),
-                       make_plugin("second", schedules=["same"])])
+        Plugins(
+            extra=[
+                make_plugin("first", schedules=["same"]),
+                make_plugin("second", schedules=["same"]),
+            ]
+        )
     (line,) = info.value.problems
     assert "'same' is provided twice" in line
     assert "plugin first" in line and "plugin second" in line
@@ -124,22 +128,27 @@ def test_disable_removes_a_plugin():
 
 
 def test_disable_in_config_makes_schedule_unknown(tmp_path):
-    path = tiny_config(tmp_path, '[plugins]\ndisable = ["meshtrain_schedules"]\n'
-                                 '[data]\nsource = "testdata"\n')
+    path = tiny_config(
+        tmp_path, '[plugins]\ndisable = ["meshtrain_schedules"]\n[data]\nsource = "testdata"\n'
+    )
     extra = [make_plugin("testplugin", sources=["testdata"])]
     with pytest.raises(ConfigError) as info:
         resolve_job(load_config(path), extra)
     assert info.value.problems == [
-        f"{path}: pipeline.schedule: unknown pipeline schedule '1f1b'; available: none installed"]
+        f"{path}: pipeline.schedule: unknown pipeline schedule '1f1b'; available: none installed"
+    ]
 
 
 def test_disable_unknown_plugin_suggests(tmp_path):
-    path = tiny_config(tmp_path, '[plugins]\ndisable = ["meshtrain_schedule"]\n'
-                                 '[data]\nsource = "testdata"\n')
+    path = tiny_config(
+        tmp_path, '[plugins]\ndisable = ["meshtrain_schedule"]\n[data]\nsource = "testdata"\n'
+    )
     with pytest.raises(ConfigError) as info:
         resolve_job(load_config(path), [make_plugin("testplugin", sources=["testdata"])])
-    assert (f"{path}: plugins.disable: no plugin 'meshtrain_schedule' "
-            "(did you mean meshtrain_schedules?)") in info.value.problems
+    assert (
+        f"{path}: plugins.disable: no plugin 'meshtrain_schedule' "
+        "(did you mean meshtrain_schedules?)"
+    ) in info.value.problems
 
 
 def test_core_never_imports_a_plugin_package():
@@ -166,8 +175,9 @@ def test_core_modules_load_no_plugin_until_plugins_load():
         meshtrain.plugins.Plugins()
         print(plugin())
     """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert out[0] == "[]"
     assert set(BUILTINS) <= set(ast.literal_eval(out[1]))  # the probe does see plugins
 
@@ -229,8 +239,13 @@ def third_party(tmp_path_factory) -> Path:
 
 def run_cli(args: list[str], site: Path) -> subprocess.CompletedProcess:
     path = os.pathsep.join(p for p in [str(site), os.environ.get("PYTHONPATH", "")] if p)
-    return subprocess.run([sys.executable, "-m", "meshtrain", *args], capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": path}, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "meshtrain", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": path},
+        cwd=ROOT,
+    )
 
 
 def test_third_party_distribution_is_listed(third_party):
@@ -238,15 +253,18 @@ def test_third_party_distribution_is_listed(third_party):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     at = lines.index("mythird  (mythird 0.1)")
-    block = "\n".join(lines[at:at + 4])
+    block = "\n".join(lines[at : at + 4])
     assert "hooks: data_sources, pipeline_schedules" in block
     assert "data source: mythird_data" in block and "pipeline schedule: mythird_sched" in block
     assert all(name in result.stdout for name in BUILTINS)
 
 
 def test_third_party_names_can_be_selected(third_party, tmp_path):
-    path = tiny_config(tmp_path, '[parallel]\npp = 2\n[pipeline]\nschedule = "mythird_sched"\n'
-                                 '[data]\nsource = "mythird_data"\nrepeat = 3\n')
+    path = tiny_config(
+        tmp_path,
+        '[parallel]\npp = 2\n[pipeline]\nschedule = "mythird_sched"\n'
+        '[data]\nsource = "mythird_data"\nrepeat = 3\n',
+    )
     result = run_cli(["check", str(path)], third_party)
     assert result.returncode == 0, result.stderr
     assert 'schedule = "mythird_sched"' in result.stdout and "repeat = 3" in result.stdout

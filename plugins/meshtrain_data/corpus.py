@@ -59,8 +59,9 @@ def iter_documents(stdlib: Path, sources: bool) -> Iterator[str]:
 
 
 def _stdlib_files(stdlib: Path) -> list[Path]:
-    return sorted(p for p in stdlib.rglob("*.py")
-                  if not SKIP_PARTS.intersection(p.relative_to(stdlib).parts))
+    return sorted(
+        p for p in stdlib.rglob("*.py") if not SKIP_PARTS.intersection(p.relative_to(stdlib).parts)
+    )
 
 
 def _docstrings(path: Path) -> str:

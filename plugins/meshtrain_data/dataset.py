@@ -37,8 +37,10 @@ class DatasetRef:
 def resolve_dataset(value: str) -> DatasetRef:
     """Local files (a file, a folder searched recursively, or a glob) or a hub id."""
     if not value:
-        raise UserError(f"{KEY}: required for source = \"hf\" (a hub id, a file, a folder or a "
-                        f"glob); or use source = \"offline\"")
+        raise UserError(
+            f'{KEY}: required for source = "hf" (a hub id, a file, a folder or a '
+            f'glob); or use source = "offline"'
+        )
     path = Path(value).expanduser()
     if any(c in value for c in "*?["):
         files = [Path(p) for p in sorted(glob.glob(str(path), recursive=True))]
@@ -65,21 +67,26 @@ def _builder(value: str, files: list[Path]) -> str:
     unknown = [s for s in suffixes if s not in BUILDERS]
     if unknown:
         names = ", ".join(s or "no suffix" for s in unknown)
-        raise UserError(f"{KEY}: {value!r} has unsupported files ({names}); "
-                        f"use {', '.join(BUILDERS)}")
+        raise UserError(
+            f"{KEY}: {value!r} has unsupported files ({names}); use {', '.join(BUILDERS)}"
+        )
     builders = {BUILDERS[s] for s in suffixes}
     if len(builders) > 1:
         raise UserError(f"{KEY}: {value!r} mixes {', '.join(suffixes)} files; use one format")
     return builders.pop()
 
 
-def load_rows(ref: DatasetRef, options: HFOptions, cache_dir: Path, *,
-              streaming: bool = False) -> Any:
+def load_rows(
+    ref: DatasetRef, options: HFOptions, cache_dir: Path, *, streaming: bool = False
+) -> Any:
     """The split as a `datasets.Dataset` (or `IterableDataset` when streaming)."""
     import datasets
 
-    kwargs: dict[str, Any] = {"split": options.split, "streaming": streaming,
-                              "cache_dir": str(cache_dir / "datasets")}
+    kwargs: dict[str, Any] = {
+        "split": options.split,
+        "streaming": streaming,
+        "cache_dir": str(cache_dir / "datasets"),
+    }
     if ref.is_hub:
         offline = hub_offline()
         if not offline:
@@ -97,8 +104,9 @@ def load_rows(ref: DatasetRef, options: HFOptions, cache_dir: Path, *,
         if offline:
             raise offline_error(KEY, ref.value, "file, folder or glob") from None
         key = "data.split" if "split" in str(err).lower() else KEY
-        raise UserError(f"{key}: cannot load {ref.value!r} (split {options.split!r}): "
-                        f"{_first_line(err)}") from None
+        raise UserError(
+            f"{key}: cannot load {ref.value!r} (split {options.split!r}): {_first_line(err)}"
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -112,8 +120,10 @@ def check_column(rows: Any, column: str, value: str) -> None:
         raise UserError(f"{KEY}: {value!r} has no rows")
     names = list(rows.column_names or [])
     if column not in names:
-        raise UserError(f"data.text_column: {column!r} is not a column of {value!r} "
-                        f"(columns: {', '.join(names) or 'none'})")
+        raise UserError(
+            f"data.text_column: {column!r} is not a column of {value!r} "
+            f"(columns: {', '.join(names) or 'none'})"
+        )
     feature = getattr((rows.features or {}).get(column), "dtype", "string")
     if feature not in ("string", "large_string"):
         raise UserError(f"data.text_column: {column!r} of {value!r} holds {feature}, not text")

@@ -51,10 +51,13 @@ class HFSource:
             return
         rows = load_rows(ref, opts, ctx.cache_dir)
         check_column(rows, opts.text_column, opts.dataset)
-        key = content_key(_data_hash(ref, rows), opts.split, opts.name, opts.text_column,
-                          fingerprint(tokenizer))
-        batches = (b[opts.text_column] for b in
-                   rows.select_columns([opts.text_column]).iter(batch_size=BATCH_ROWS))
+        key = content_key(
+            _data_hash(ref, rows), opts.split, opts.name, opts.text_column, fingerprint(tokenizer)
+        )
+        batches = (
+            b[opts.text_column]
+            for b in rows.select_columns([opts.text_column]).iter(batch_size=BATCH_ROWS)
+        )
         out = ctx.cache_dir / "tokens" / key
         meta = build_token_cache(batches, tokenizer, eos, out, describe=opts.dataset)
         check_enough(meta, ctx, repr(opts.dataset))
@@ -82,8 +85,10 @@ def _check_stream(ref: DatasetRef, opts: HFOptions, ctx: DataContext) -> None:
     if first is None:
         raise UserError(f"data.dataset: {opts.dataset!r} has no rows")
     if opts.text_column not in first:
-        raise UserError(f"data.text_column: {opts.text_column!r} is not a column of "
-                        f"{opts.dataset!r} (columns: {', '.join(first)})")
+        raise UserError(
+            f"data.text_column: {opts.text_column!r} is not a column of "
+            f"{opts.dataset!r} (columns: {', '.join(first)})"
+        )
 
 
 def _open_stream(opts: HFOptions, ctx: DataContext) -> StreamingStream:

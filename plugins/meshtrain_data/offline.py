@@ -66,8 +66,13 @@ class OfflineSource:
         eos = check_tokenizer(tokenizer, ctx.vocab_size)
         rows = load_rows(DatasetRef(str(corpus), "json", (corpus,)), HFOptions(), ctx.cache_dir)
         out = ctx.cache_dir / "tokens" / content_key(corpus_hash, fingerprint(tokenizer))
-        meta = build_token_cache((b["text"] for b in rows.iter(batch_size=1000)), tokenizer,
-                                 eos, out, describe="offline corpus")
+        meta = build_token_cache(
+            (b["text"] for b in rows.iter(batch_size=1000)),
+            tokenizer,
+            eos,
+            out,
+            describe="offline corpus",
+        )
         check_enough(meta, ctx, "the offline corpus")
         publish(ctx, tokenizer, out, {"streaming": False})
 
@@ -81,8 +86,10 @@ def _vocab_size(opts: OfflineOptions, ctx: DataContext) -> int:
     """min(data.vocab_size, model.vocab_size): token ids must fit the model's embedding."""
     vocab = min(opts.vocab_size, ctx.vocab_size)
     if vocab < BYTE_LEVEL_MIN_VOCAB:
-        raise UserError(f"data.vocab_size: model.vocab_size = {ctx.vocab_size} is too small for "
-                        f"a byte-level tokenizer (needs >= {BYTE_LEVEL_MIN_VOCAB})")
+        raise UserError(
+            f"data.vocab_size: model.vocab_size = {ctx.vocab_size} is too small for "
+            f"a byte-level tokenizer (needs >= {BYTE_LEVEL_MIN_VOCAB})"
+        )
     return vocab
 
 
@@ -101,8 +108,12 @@ def load_or_train_tokenizer(cache_dir: Path, corpus: Path, corpus_hash: str, voc
             tmp.rename(folder)
         except OSError:  # another process trained the same tokenizer first
             shutil.rmtree(tmp, ignore_errors=True)
-        log.info("data: trained a %d-token BPE in %.1f s -> %s", len(tokenizer),
-                 time.perf_counter() - start, folder)
+        log.info(
+            "data: trained a %d-token BPE in %.1f s -> %s",
+            len(tokenizer),
+            time.perf_counter() - start,
+            folder,
+        )
     return PreTrainedTokenizerFast.from_pretrained(str(folder))
 
 
@@ -113,6 +124,7 @@ def train_tokenizer(texts: Iterator[str], vocab: int) -> Any:
 
 def _training_text(corpus: Path) -> Iterator[str]:
     """The corpus documents up to TRAIN_CHARS characters."""
+
     def documents() -> Iterator[str]:
         with open(corpus, encoding="utf-8") as f:
             for line in f:

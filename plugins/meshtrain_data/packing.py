@@ -49,8 +49,9 @@ def token_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
 
 
-def build_token_cache(batches: Iterable[list[Any]], tokenizer: Any, eos: int, out: Path,
-                      describe: str) -> dict[str, Any]:
+def build_token_cache(
+    batches: Iterable[list[Any]], tokenizer: Any, eos: int, out: Path, describe: str
+) -> dict[str, Any]:
     """Tokenize `batches` of texts into `out` unless it exists; returns its meta."""
     if (out / "meta.json").is_file():
         log.info("data: reusing tokens in %s", out)
@@ -64,8 +65,13 @@ def build_token_cache(batches: Iterable[list[Any]], tokenizer: Any, eos: int, ou
         for ids, docs in encode_documents(batches, tokenizer, eos):
             np.asarray(ids, dtype=dtype).tofile(f)
             n_tokens, n_docs = n_tokens + len(ids), n_docs + docs
-    meta = {"n_tokens": n_tokens, "dtype": dtype.name, "eos": eos, "documents": n_docs,
-            "describe": describe}
+    meta = {
+        "n_tokens": n_tokens,
+        "dtype": dtype.name,
+        "eos": eos,
+        "documents": n_docs,
+        "describe": describe,
+    }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
         tmp.rename(out)
@@ -75,8 +81,9 @@ def build_token_cache(batches: Iterable[list[Any]], tokenizer: Any, eos: int, ou
     return meta
 
 
-def encode_documents(batches: Iterable[list[Any]], tokenizer: Any,
-                     eos: int) -> Iterator[tuple[list[int], int]]:
+def encode_documents(
+    batches: Iterable[list[Any]], tokenizer: Any, eos: int
+) -> Iterator[tuple[list[int], int]]:
     """(ids, documents) per input batch: each non-empty document's ids followed by EOS."""
     for texts in batches:
         texts = [t for t in texts if isinstance(t, str) and t]
@@ -90,8 +97,10 @@ def check_enough(meta: dict[str, Any], ctx: DataContext, what: str) -> None:
     if meta["n_tokens"] == 0:
         raise UserError(f"data.dataset: {what} holds no text")
     if meta["n_tokens"] < ctx.seq_len + 1:
-        raise UserError(f"data.dataset: {what} holds {meta['n_tokens']} tokens, fewer than one "
-                        f"window of train.seq_len + 1 = {ctx.seq_len + 1}")
+        raise UserError(
+            f"data.dataset: {what} holds {meta['n_tokens']} tokens, fewer than one "
+            f"window of train.seq_len + 1 = {ctx.seq_len + 1}"
+        )
 
 
 def publish(ctx: DataContext, tokenizer: Any, tokens_dir: Path | None, extra: dict) -> None:
@@ -114,5 +123,6 @@ def read_pointer(ctx: DataContext) -> dict[str, Any]:
 def load_tokens(tokens_dir: Path) -> np.ndarray:
     """The cached ids, memory-mapped read-only: workers share the page cache, not copies."""
     meta = json.loads((tokens_dir / "meta.json").read_text())
-    return np.memmap(tokens_dir / "tokens.bin", dtype=meta["dtype"], mode="r",
-                     shape=(meta["n_tokens"],))
+    return np.memmap(
+        tokens_dir / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],)
+    )

@@ -43,8 +43,9 @@ class PackedStream:
     def next_batch(self) -> torch.Tensor:
         start = self.position + self.first_row
         ids = [self._window(p) for p in range(start, start + self.rows)]
-        batch = np.stack([self.tokens[w * self.seq_len: w * self.seq_len + self.seq_len + 1]
-                          for w in ids])  # (n, S + 1)
+        batch = np.stack(
+            [self.tokens[w * self.seq_len : w * self.seq_len + self.seq_len + 1] for w in ids]
+        )  # (n, S + 1)
         self._log_new_epochs(self.position, self.position + self.global_batch)
         self.position += self.global_batch
         return torch.from_numpy(batch.astype(np.int64))
@@ -58,15 +59,20 @@ class PackedStream:
             if len(self._orders) >= 2:  # a batch usually spans at most two epochs
                 self._orders.pop(min(self._orders))
             rng = np.random.default_rng([self.seed, epoch])
-            self._orders[epoch] = (rng.permutation(self.windows) if self.shuffle
-                                   else np.arange(self.windows))
+            self._orders[epoch] = (
+                rng.permutation(self.windows) if self.shuffle else np.arange(self.windows)
+            )
         return self._orders[epoch]
 
     def _log_new_epochs(self, start: int, end: int) -> None:
         first = max(1, -(-start // self.windows))  # epochs whose first window is in [start, end)
         for epoch in range(first, (end - 1) // self.windows + 1):
-            log.info("data: epoch %d begins (%d windows of %d tokens per epoch)",
-                     epoch, self.windows, self.seq_len + 1)
+            log.info(
+                "data: epoch %d begins (%d windows of %d tokens per epoch)",
+                epoch,
+                self.windows,
+                self.seq_len + 1,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         epoch, index = divmod(self.position, self.windows)
@@ -75,6 +81,10 @@ class PackedStream:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         windows = int(state.get("windows", self.windows))
         if windows != self.windows:
-            log.warning("data: the checkpoint saw %d windows per epoch, the data now has %d; "
-                        "continuing from the same epoch and position", windows, self.windows)
+            log.warning(
+                "data: the checkpoint saw %d windows per epoch, the data now has %d; "
+                "continuing from the same epoch and position",
+                windows,
+                self.windows,
+            )
         self.position = int(state["epoch"]) * self.windows + int(state["position"])

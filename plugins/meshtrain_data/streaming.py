@@ -26,8 +26,14 @@ log = logging.getLogger("meshtrain.data")
 class StreamingStream:
     """A `DataStream` over batches of texts from `open_texts()`, re-opened every epoch."""
 
-    def __init__(self, open_texts: Callable[[], Iterable[list[Any]]], tokenizer: Any,
-                 ctx: DataContext, *, describe: str):
+    def __init__(
+        self,
+        open_texts: Callable[[], Iterable[list[Any]]],
+        tokenizer: Any,
+        ctx: DataContext,
+        *,
+        describe: str,
+    ):
         self.open_texts, self.tokenizer, self.ctx = open_texts, tokenizer, ctx
         self.describe = describe
         self.rows = ctx.micro_batch_size * ctx.grad_acc
@@ -48,7 +54,7 @@ class StreamingStream:
                 buffer.extend(ids)
                 while len(buffer) >= size:
                     yield buffer[:size]
-                    del buffer[:size - 1]  # neighbours share one token, as in the packed cache
+                    del buffer[: size - 1]  # neighbours share one token, as in the packed cache
             if not produced:
                 raise UserError(f"data.dataset: {self.describe!r} holds no text")
 
@@ -56,7 +62,7 @@ class StreamingStream:
         lo = self.ctx.dp_rank * self.rows
         window = list(itertools.islice(self._windows, self.ctx.global_batch))
         self.position += self.ctx.global_batch
-        return torch.tensor(window[lo:lo + self.rows], dtype=torch.long)  # (n, S + 1)
+        return torch.tensor(window[lo : lo + self.rows], dtype=torch.long)  # (n, S + 1)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}

@@ -26,8 +26,12 @@ class SyntheticStream:
 
     def next_batch(self) -> torch.Tensor:
         start = self.position + self.ctx.dp_rank * self.rows
-        rows = [np.random.default_rng([self.ctx.seed, p]).integers(
-            0, self.ctx.vocab_size, self.ctx.seq_len + 1) for p in range(start, start + self.rows)]
+        rows = [
+            np.random.default_rng([self.ctx.seed, p]).integers(
+                0, self.ctx.vocab_size, self.ctx.seq_len + 1
+            )
+            for p in range(start, start + self.rows)
+        ]
         self.position += self.ctx.global_batch
         return torch.from_numpy(np.stack(rows).astype(np.int64))  # (n, S + 1)
 

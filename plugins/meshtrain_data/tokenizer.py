@@ -59,8 +59,10 @@ def check_tokenizer(tokenizer: Any, model_vocab: int) -> int:
     """The EOS id, after checking that every token id fits the model's embedding."""
     size = len(tokenizer)
     if size > model_vocab:
-        raise UserError(f"{KEY}: vocabulary of {size} tokens is larger than model.vocab_size = "
-                        f"{model_vocab}; use the model's own tokenizer or raise model.vocab_size")
+        raise UserError(
+            f"{KEY}: vocabulary of {size} tokens is larger than model.vocab_size = "
+            f"{model_vocab}; use the model's own tokenizer or raise model.vocab_size"
+        )
     if tokenizer.eos_token_id is None:
         raise UserError(f"{KEY}: the tokenizer has no eos_token to separate documents with")
     return int(tokenizer.eos_token_id)
@@ -69,8 +71,11 @@ def check_tokenizer(tokenizer: Any, model_vocab: int) -> int:
 def fingerprint(tokenizer: Any) -> str:
     """A content hash: same vocabulary, merges, normalisation and EOS -> same cached tokens."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else json.dumps(
-        sorted(tokenizer.get_vocab().items()))
+    body = (
+        backend.to_str()
+        if backend is not None
+        else json.dumps(sorted(tokenizer.get_vocab().items()))
+    )
     return hashlib.sha256(f"{body}\n{tokenizer.eos_token}".encode()).hexdigest()[:16]
 
 
@@ -84,9 +89,17 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> Any:
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     core.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-        extra_special_tokens=SPECIAL_TOKENS[1:], model_max_length=1 << 30)
+        tokenizer_object=core,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        extra_special_tokens=SPECIAL_TOKENS[1:],
+        model_max_length=1 << 30,
+    )
