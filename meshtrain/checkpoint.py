@@ -4,8 +4,11 @@ resharding into another layout.
     <run.dir>/checkpoints/step_00000010/   complete: DCP shards + rank<r>.pt + meta.json
     <run.dir>/checkpoints/.step_00000012.partial/   being written (or killed): never resumed
 
-Keys are Hugging Face parameter names (a tied copy is stored once, under its partner's name), so a
-checkpoint loads into any (dp, pp, tp, dp_shard) layout of the same model.
+Model and optimizer go through DCP `Stateful`s built on `torch.distributed.checkpoint.state_dict`
+(`get_*_state_dict` / `set_*_state_dict`, which know FSDP2 and DTensor); keys are parameter names
+(a tied copy is stored once, under its partner's name), so a checkpoint loads into any (dp, pp, tp,
+dp_shard, schedule) layout of the same model. What is not a tensor (step, LR schedule position, data
+position, RNG) is small: meta.json and one rank<r>.pt per rank, read with weights_only.
 """
 
 from __future__ import annotations
@@ -22,11 +25,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import (
     Metadata,
     StorageMeta,
     TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 
 from meshtrain.config import Config
@@ -34,7 +45,6 @@ from meshtrain.errors import UserError
 
 if TYPE_CHECKING:
     from meshtrain.job import Job
-    from meshtrain.train import Trainer
 
 log = logging.getLogger("meshtrain")
 META = "meta.json"
@@ -108,57 +118,46 @@ def read_meta(path: Path, where: str) -> dict[str, Any]:
 
 def layout_of(config: Config) -> list:
     par = config.parallel
-    return [par.dp, par.pp, par.tp, bool(par.dp_shard and par.dp > 1)]
+    return [par.dp, par.pp, par.tp, par.fsdp]
 
 
-def save(t: Trainer) -> Path:
-    """Write a checkpoint of step `t.step`; it becomes visible (renamed) only once complete."""
-    cfg, rank = t.job.config, t.mesh.rank
-    root = checkpoints_dir(cfg)
-    final, partial = root / f"step_{t.step:08d}", root / f".step_{t.step:08d}.partial"
+def save(
+    root: Path,
+    step: int,
+    states: dict[str, Any],
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` under `root`: DCP tensors of `states` (Statefuls), this rank's
+    `rank_state`, and rank 0's `meta`. It becomes visible (renamed) only once complete."""
+    rank = dist.get_rank()
+    final, partial = root / f"step_{step:08d}", root / f".step_{step:08d}.partial"
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_tensors(t), checkpoint_id=partial)
-    torch.save(
-        {"rng": torch.get_rng_state(), "data": t.data.state_dict()}, partial / f"rank{rank}.pt"
-    )
+    dcp.save(states, checkpoint_id=partial)
+    torch.save(rank_state, partial / f"rank{rank}.pt")
     dist.barrier()
     if rank == 0:
-        meta = {
-            "step": t.step,
-            "lr_schedule": t.lr_schedule.state_dict(),
-            "shape": asdict(t.job.shape),
-            "config": cfg.raw,
-            "world": t.mesh.world,
-            "layout": layout_of(cfg),
-            "family": cfg.model.family,
-        }
-        (partial / META).write_text(json.dumps(meta, indent=1, default=str))
+        (partial / META).write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
         shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a restart
         partial.rename(final)
-        _prune(root, cfg.checkpoint.keep)
+        _prune(root, keep)
         log.info("saved checkpoint %s", final)
     dist.barrier()
     return final
 
 
-def load(t: Trainer, path: Path) -> None:
-    """Restore model, optimizer, LR schedule, step, data position and RNG from `path`."""
-    _init_optimizer_state(t.optimizer)
-    load_tensors(_tensors(t, with_copies=True), path, "checkpoint.resume")
+def load(path: Path, states: dict[str, Any], layout: list) -> tuple[dict, dict]:
+    """Load `states` from checkpoint `path`; returns (meta, this rank's rank_state). In another
+    layout every rank takes rank 0's rank_state (the data position is global)."""
+    load_tensors(states, path, "checkpoint.resume")
     meta = read_meta(path, "checkpoint.resume")
-    t.step = int(meta["step"])
-    restore_lr_schedule(t.lr_schedule, t.step)
-    own = path / f"rank{t.mesh.rank}.pt"
-    same_layout = meta.get("layout") == layout_of(t.job.config) and own.is_file()
-    # Another layout: the data position is global (every dp rank resumes from it); rank 0's RNG.
-    extra = torch.load(own if same_layout else path / "rank0.pt", weights_only=True)
-    t.data.load_state_dict(extra["data"])
-    torch.set_rng_state(extra["rng"])
-    if t.mesh.rank == 0:
-        log.info("resumed from %s at step %d", path, t.step)
+    own = path / f"rank{dist.get_rank()}.pt"
+    same_layout = meta.get("layout") == layout and own.is_file()
+    return meta, torch.load(own if same_layout else path / "rank0.pt", weights_only=True)
 
 
 def load_tensors(state: dict[str, Any], path: Path, where: str, no_dist: bool = False) -> None:
@@ -238,34 +237,53 @@ class _MetadataUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _tensors(t: Trainer, with_copies: bool = False) -> dict[str, Any]:
-    """Model and optimizer tensors by checkpoint key. A tied copy shares its partner's key: it is
-    loaded from it but not saved twice."""
-    tied = {copy: source for source, copy in t.job.family.tied_parameters(t.job.model_config)}
-    model, optim = {}, {}
-    for name, p in zip(t.model.names, t.model.params, strict=True):
-        key = tied.get(name, name)
-        if key != name and not with_copies:
-            continue
-        model[key] = p
-        for state_name, value in t.optimizer.state.get(p, {}).items():
-            optim[f"{key}.{state_name}"] = value
-    return {"model": model, "optim": optim}
+class ModelState:
+    """DCP Stateful of this rank's stages: parameters by name, a tied copy under its partner's."""
+
+    def __init__(self, stages: list[nn.Module], tied: dict[str, str]):
+        self.stages, self.tied = stages, tied
+
+    def state_dict(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for stage in self.stages:
+            for name, value in get_model_state_dict(stage).items():
+                merged.setdefault(self.tied.get(name, name), value)
+        return merged
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for stage in self.stages:
+            names = get_model_state_dict(stage).keys()
+            set_model_state_dict(stage, {n: state[self.tied.get(n, n)] for n in names})
 
 
-def _init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """AdamW creates its state lazily; make it exist (zeros) so DCP can load into it, with the
-    step counter where AdamW keeps it (on the parameter's device for fused/capturable)."""
-    for group in optimizer.param_groups:
-        on_device = group.get("fused") or group.get("capturable")
-        for p in group["params"]:
-            if p not in optimizer.state or not optimizer.state[p]:
-                step = torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu")
-                optimizer.state[p] = {
-                    "step": step,
-                    "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
-                }
+class OptimizerState:
+    """DCP Stateful of the optimizer: per-parameter state tensors keyed `<name>.<field>` through
+    the flattened optimizer state dict. Hyperparameters come from the config and the LR schedule,
+    so only tensors are saved (no pickled entries)."""
+
+    def __init__(
+        self, stages: list[nn.Module], optimizer: torch.optim.Optimizer, tied: dict[str, str]
+    ):
+        self.model = nn.ModuleList(stages)  # names "<i>.<name>": one module for the API
+        self.optimizer, self.tied = optimizer, tied
+        self.options = StateDictOptions(flatten_optimizer_state_dict=True)
+
+    def _full(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer, options=self.options)
+
+    def _key(self, flat: str) -> str:
+        name, _, field = flat.removeprefix("state.").partition(".")[2].rpartition(".")
+        return f"{self.tied.get(name, name)}.{field}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self._key(k): v for k, v in self._full().items() if k.startswith("state.")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        full = self._full()
+        for key in full:
+            if key.startswith("state."):
+                full[key] = state[self._key(key)]
+        set_optimizer_state_dict(self.model, self.optimizer, full, options=self.options)
 
 
 def _prune(root: Path, keep: int) -> None:

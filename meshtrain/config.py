@@ -47,6 +47,14 @@ class ParallelSection:
     """Shard parameters, gradients and optimizer state over dp (FSDP2) instead of replicating."""
     sequence_parallel: bool = False
     """Shard norms and residual activations over the sequence on the tp axis."""
+    reshard_after_forward: str = _opt("always", choices=("always", "never"))
+    """FSDP2 blocks after their forward: free the gathered weights (always) and gather again in
+    backward, or keep them until backward (never: less traffic, a stage's weights in memory)."""
+
+    @property
+    def fsdp(self) -> bool:
+        """Parameters are sharded over dp (FSDP2): dp_shard with more than one dp rank."""
+        return self.dp_shard and self.dp > 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +108,11 @@ class TrainSection:
     grad_clip: float = _opt(1.0, min=0)
     """Clip the global gradient norm to this; 0 = off."""
     precision: str = _opt("fp32", choices=("fp32", "bf16"))
-    """fp32, or bf16 autocast with fp32 master weights."""
+    """fp32, or bf16 compute with fp32 master weights (FSDP2 mixed precision under
+    parallel.dp_shard, autocast otherwise)."""
+    activation_checkpointing: str = _opt("none", choices=("none", "full", "selective"))
+    """Recompute activations in backward for the units the family's plan names: none, full
+    (keep only each unit's input) or selective (keep matmul and attention outputs)."""
 
 
 @dataclass(frozen=True, kw_only=True)

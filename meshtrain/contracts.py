@@ -2,17 +2,22 @@
 
 Plugins implement these Protocols with plain classes (no subclassing of core classes) and return
 them from the catalog hooks in `meshtrain.hookspecs`. The core only talks to plugins through them.
+
+A family describes its model as data: `ModelShape` (the numbers degrees and costs are checked
+against) and, per pipeline stage, a `StagePlan` (how the core parallelises that stage). A schedule
+says which stages each pipeline rank holds (`placement`). The core applies both in one place
+(`meshtrain.parallelize`), and `meshtrain check` reads the same objects.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import torch
-from torch import nn
+IGNORE_INDEX = -100
+"""A label that takes no part in the loss. Never an input id."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,17 +26,52 @@ class ModelShape:
 
     num_layers: int
     hidden_size: int
-    intermediate_size: int
     num_heads: int
     num_kv_heads: int
+    head_dim: int
+    """Width of one attention head (not always hidden_size / num_heads)."""
     vocab_size: int
     max_positions: int
     tied_embeddings: bool
+    tp_divisible: Mapping[str, int] = field(default_factory=dict)
+    """Sizes parallel.tp must divide, by the config key that sets them (e.g.
+    model.num_attention_heads, model.vocab_size): whatever the family's tp plan splits."""
+    activations_replicated: float = 0.0
+    """Floats per token per layer kept for backward that tp does not split (the residual stream
+    around the norms; split over tp under sequence parallel)."""
+    activations_split: float = 0.0
+    """Floats per token per layer kept for backward that tp splits (projections, MLP)."""
+    matmul_params: int = 0
+    """Parameters that take part in a matmul per token (layers and head, not the embedding
+    lookup); the core counts 6 FLOPs each per trained token, plus attention scores."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagePlan:
+    """How the core parallelises one pipeline stage, keyed by module path inside the stage.
+
+    The core applies it in the order tensor parallel -> activation checkpointing -> FSDP2."""
+
+    tp: Mapping[str, Any] = field(default_factory=dict)
+    """DTensor ParallelStyles for `parallelize_module` on the tp mesh. The head must return
+    vocab-sharded logits (Shard(-1)) for loss parallel."""
+    fsdp_units: tuple[str, ...] = ()
+    """Modules sharded as their own FSDP2 unit (usually each block), in execution order; the
+    stage itself is always the root unit holding the rest."""
+    ac_units: tuple[str, ...] = ()
+    """Modules recomputed in backward under train.activation_checkpointing (usually each
+    block)."""
+    hf_keys: Mapping[str, str] = field(default_factory=dict)
+    """Stage parameter name -> key in the family's Hugging Face checkpoint, where they differ."""
 
 
 @runtime_checkable
 class ModelFamily(Protocol):
-    """A family of decoder-only LMs (e.g. LLaMA). Parameter names are Hugging Face names."""
+    """A family of decoder-only LMs. Parameter names of the stages are those of `build`'s model;
+    checkpoints (DCP) use them, Hugging Face files go through `StagePlan.hf_keys`."""
+
+    model_types: tuple[str, ...]
+    """Hugging Face `model_type`s this family trains (config.json); may be empty."""
 
     def parse_config(
         self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
@@ -42,35 +82,37 @@ class ModelFamily(Protocol):
         and problem lines, each starting with `where` + the dotted key. Never hangs on the hub."""
 
     def shape(self, model_config: Any) -> ModelShape:
-        """The model's dimensions."""
+        """The model's dimensions and per-token costs."""
 
-    def build(self, model_config: Any) -> nn.Module:
-        """The full model. The core calls it under `torch.device("meta")`."""
+    def build(self, model_config: Any) -> Any:
+        """The full model (an nn.Module). The core calls it under `torch.device("meta")`."""
 
-    def split(self, model: nn.Module, layers: range, *, first: bool, last: bool) -> nn.Module:
-        """Keep only `layers` (plus the embedding if `first`, norm and head if `last`) of `model`.
+    def split(
+        self, model: Any, layers: range, *, first: bool, last: bool, sequence_shards: int
+    ) -> Any:
+        """A stage module with only `layers` (plus the embedding if `first`, norm and head if
+        `last`) of `model`; parameter names stay those of `model`.
 
-        The stage's forward takes token ids (first) or hidden states (B, T, C) and returns hidden
-        states or, on the last stage, logits (B, T, V). Parameter names stay those of `model`."""
+        Its forward takes token ids (B, T) on the first stage or hidden states on the others and
+        returns hidden states or, on the last stage, logits (B, T, V). With `sequence_shards`
+        = n > 1 (sequence parallel), hidden states between stages are (B, T / n, C) shards of the
+        sequence; token ids are always whole."""
 
-    def tp_plan(self, stage: nn.Module, *, sequence_parallel: bool) -> dict[str, Any]:
-        """DTensor ParallelStyles keyed by module path, for `parallelize_module` on the tp mesh.
+    def plan(self, stage: Any, *, sequence_parallel: bool) -> StagePlan:
+        """How to parallelise `stage` (see StagePlan)."""
 
-        The head must return vocab-sharded logits (Shard(-1)) for loss parallel."""
+    def init_parameter(self, name: str, shape: Any, model_config: Any, generator: Any) -> Any:
+        """The full initial value of parameter `name` (fp32 tensor on CPU) from `generator`."""
 
-    def init_parameter(
-        self, name: str, shape: torch.Size, model_config: Any, generator: torch.Generator
-    ) -> torch.Tensor:
-        """The full initial value of parameter `name` (fp32, CPU), drawn from `generator`."""
-
-    def init_buffers(self, stage: nn.Module) -> None:
+    def init_buffers(self, stage: Any) -> None:
         """Recompute non-persistent buffers (e.g. rotary inv_freq) after `to_empty`."""
 
     def tied_parameters(self, model_config: Any) -> list[tuple[str, str]]:
-        """(first-stage name, last-stage name) pairs that share one value, e.g. embed and head."""
+        """(source, copy) parameter names that share one value, e.g. embedding and head. The
+        core keeps copies equal wherever the schedule places them."""
 
-    def flops_per_token(self, model_config: Any, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward), for MFU."""
+    def export(self, model: Any, folder: Path, max_shard_size: str) -> None:
+        """Write the whole model (`build`'s, with trained weights) as a Hugging Face folder."""
 
 
 @runtime_checkable
@@ -79,16 +121,24 @@ class PipelineSchedule(Protocol):
 
     stages_per_rank: int
 
-    def validate(self, *, pp: int, grad_acc: int) -> list[str]:
+    def placement(self, pp_rank: int, pp: int) -> list[int]:
+        """The stage ids (0 .. pp * stages_per_rank - 1) pipeline rank `pp_rank` holds, in the
+        order `build` receives them: loop style p, p + pp, ...; V style p, 2 * pp - 1 - p."""
+
+    def validate(self, *, pp: int, grad_acc: int, num_layers: int) -> list[str]:
         """Problems with these degrees, each naming the keys (e.g. 'train.grad_acc ...')."""
+
+    def in_flight(self, pp_rank: int, pp: int, grad_acc: int) -> int:
+        """At most how many micro-batches' activations pipeline rank `pp_rank` keeps at once
+        (for the memory estimate of `meshtrain check`)."""
 
     def build(
         self,
         stages: list[Any],
         n_microbatches: int,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        loss_fn: Callable[[Any, Any], Any],
     ) -> Any:
-        """A `torch.distributed.pipelining` schedule over this rank's stages (in order).
+        """A `torch.distributed.pipelining` schedule over this rank's stages (placement order).
 
         The schedule must not rescale gradients: the loss is already normalised globally."""
 
@@ -113,13 +163,23 @@ class DataContext:
         return self.micro_batch_size * self.grad_acc * self.dp
 
 
+class Batch(NamedTuple):
+    """This dp rank's rows of one global batch: token ids and the ids to predict."""
+
+    inputs: Any
+    """LongTensor (n, seq_len) of token ids; never IGNORE_INDEX."""
+    labels: Any
+    """LongTensor (n, seq_len): the next token of each input, or IGNORE_INDEX (no loss)."""
+
+
 class DataStream(Protocol):
     """This dp rank's view of a deterministic, resumable stream of global batches."""
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         """Rows [dp_rank*n, (dp_rank+1)*n) of the next global batch, n = micro_batch_size*grad_acc.
 
-        A LongTensor (n, seq_len + 1): inputs are [:, :-1], labels [:, 1:] (-100 = ignored)."""
+        A third-party stream may still return one LongTensor (n, seq_len + 1); the core reads it
+        as inputs [:, :-1] and labels [:, 1:]."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue with exactly the next batch."""

@@ -37,12 +37,12 @@ def export_checkpoint(source: Path, out: Path, max_shard_size: str = "2GB") -> P
             "(nothing was overwritten)"
         )
     path = resolve_checkpoint(source)
-    model = load_full_model(path)
+    family, model = load_full_model(path)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.parent.mkdir(parents=True, exist_ok=True)
     try:
-        model.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        family.export(model, tmp, max_shard_size)
         tokenizer = path.parent.parent / "tokenizer"
         if tokenizer.is_dir():
             shutil.copytree(tokenizer, tmp, dirs_exist_ok=True)
@@ -83,23 +83,25 @@ def resolve_checkpoint(source: Path) -> Path:
     )
 
 
-def load_full_model(path: Path) -> nn.Module:
-    """The whole model on CPU (fp32) with the weights of checkpoint `path`."""
+def load_full_model(path: Path) -> tuple[Any, nn.Module]:
+    """The family and the whole model on CPU (fp32) with the weights of checkpoint `path`."""
     family, model_config = _family_and_config(path)
     with torch.device("meta"):
         model = family.build(model_config)
     model.to_empty(device="cpu")
     family.init_buffers(model)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    copies = {copy for _, copy in family.tied_parameters(model_config)}
+    pairs = family.tied_parameters(model_config)
+    for source, copy in pairs:  # to_empty unties shared weights
+        owner, _, attr = copy.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(source))
+    copies = {copy for _, copy in pairs}
     params = {
         name: p.data
         for name, p in model.named_parameters(remove_duplicate=False)
         if name not in copies
     }
     load_tensors({"model": params}, path, "export", no_dist=True)
-    return model.eval()
+    return family, model.eval()
 
 
 def _family_and_config(path: Path) -> tuple[Any, Any]:

@@ -39,6 +39,12 @@ class Job:
         return self.config.parallel.pp * self.schedule.stages_per_rank
 
     @property
+    def seq_shards(self) -> int:
+        """How many sequence shards hidden states travel in (tp under sequence parallel)."""
+        par = self.config.parallel
+        return par.tp if par.sequence_parallel and par.tp > 1 else 1
+
+    @property
     def device_type(self) -> str:
         device = self.config.run.device
         if device == "auto":
@@ -109,20 +115,11 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
 def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule) -> list[str]:
     """Degree arithmetic against the model, one line per problem naming the keys."""
     p, par, train = config.path, config.parallel, config.train
-    problems = []
-    for count, what in [
-        (shape.num_heads, "attention heads (model.num_attention_heads)"),
-        (shape.num_kv_heads, "key/value heads (model.num_key_value_heads)"),
-        (shape.vocab_size, "vocabulary (model.vocab_size)"),
-        (shape.intermediate_size, "MLP width (model.intermediate_size)"),
-    ]:
-        if count % par.tp:
-            problems.append(f"{p}: parallel.tp: {par.tp} does not divide the {count} {what}")
-    if shape.hidden_size % shape.num_heads:
-        problems.append(
-            f"{p}: model.hidden_size: {shape.hidden_size} is not divisible by "
-            f"model.num_attention_heads ({shape.num_heads})"
-        )
+    problems = [
+        f"{p}: parallel.tp: {par.tp} does not divide {key} ({size})"
+        for key, size in shape.tp_divisible.items()
+        if size % par.tp
+    ]
     stages = par.pp * schedule.stages_per_rank
     if stages > shape.num_layers:
         problems.append(
@@ -130,7 +127,12 @@ def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule)
             f"per rank = {stages} stages exceed the {shape.num_layers} layers "
             "(model.num_hidden_layers)"
         )
-    problems += [f"{p}: {line}" for line in schedule.validate(pp=par.pp, grad_acc=train.grad_acc)]
+    problems += [
+        f"{p}: {line}"
+        for line in schedule.validate(
+            pp=par.pp, grad_acc=train.grad_acc, num_layers=shape.num_layers
+        )
+    ]
     if train.seq_len > shape.max_positions:
         problems.append(
             f"{p}: train.seq_len: {train.seq_len} exceeds the model's "

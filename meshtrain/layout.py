@@ -2,9 +2,9 @@
 
     rows = build_layout(job)          # one RankLayout per rank, for `meshtrain check`
 
-Nothing here starts a process or allocates real memory: the model is built on the meta device and
-cut with the same `pipeline.split_model` the workers use, so parameter counts are exact. Memory is
-an estimate (see `estimate_memory`): fp32 training state plus activations plus a fixed baseline.
+Nothing here starts a process or allocates real memory: the model is built on the meta device,
+cut with the same `pipeline.split_model` the workers use and read through the same StagePlans the
+core applies, so parameter counts are exact. Memory is an estimate (see `estimate_memory`).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from meshtrain.contracts import StagePlan
 from meshtrain.job import Job
-from meshtrain.pipeline import partition_layers, split_model, stage_ids
+from meshtrain.pipeline import partition_layers, split_model
+from meshtrain.tensor_parallel import shard_dims
 
 BYTES_FP32 = 4
 STATE_BYTES_PER_PARAM = 4 * BYTES_FP32
@@ -37,7 +39,7 @@ class MemoryEstimate:
     logits: int
     working: int
     """Transient full-size copies: with dp_shard, the gathered weights and unsharded gradients of
-    the root unit (embedding/head) and of up to 3 blocks (current, prefetched, reducing);
+    the root unit (embedding/head) and of up to 3 FSDP units (current, prefetched, reducing);
     replicated, the flat gradient buffer of the dp all-reduce."""
     baseline: int
 
@@ -101,68 +103,58 @@ def count_parameters(job: Job) -> int:
 
 def _pp_rank_summary(job: Job, model: nn.Module, pp_i: int) -> tuple:
     """(stage ids, layer ranges, params, memory), the same for all tp and dp peers of `pp_i`."""
-    par, shape = job.config.parallel, job.shape
-    ids = stage_ids(pp_i, par.pp, job.schedule.stages_per_rank)
-    stages = split_model(job.family, model, shape.num_layers, ids, job.num_stages)
-    ranges = partition_layers(shape.num_layers, job.num_stages)
-    params = local_parameters(job, stages)
-    last = job.num_stages - 1 in ids
+    par = job.config.parallel
+    ids = job.schedule.placement(pp_i, par.pp)
+    stages = split_model(
+        job.family, model, job.shape.num_layers, ids, job.num_stages, job.seq_shards
+    )
+    plans = [job.family.plan(s, sequence_parallel=job.seq_shards > 1) for s in stages]
+    ranges = partition_layers(job.shape.num_layers, job.num_stages)
+    sizes = _sizes(stages, plans, par.tp)
+    params = _total(sizes, par.dp if par.fsdp else 1)
     memory = estimate_memory(
         job,
         params,
         sum(len(ranges[i]) for i in ids),
         pp_i,
-        last=last,
-        working=_working_params(job, stages, params),
+        last=job.num_stages - 1 in ids,
+        working=_working_params(job, stages, plans, sizes),
     )
     return ids, [ranges[i] for i in ids], params, memory
 
 
-def local_parameters(job: Job, stages: list[nn.Module]) -> int:
-    """Parameters one rank stores for `stages`: weights in the tp plan divided by tp (2D weights
-    are split; norms stay replicated), everything divided by dp under parallel.dp_shard."""
-    par = job.config.parallel
-    everything = [p for stage in stages for p in stage.parameters()]
-    return _count(everything, _tp_sharded(job, stages), par.tp, par.dp if par.dp_shard else 1)
-
-
-def _tp_sharded(job: Job, stages: list[nn.Module]) -> set[int]:
-    """ids of the parameters the tp plan splits."""
-    sharded: set[int] = set()
-    for stage in stages:
-        plan = job.family.tp_plan(stage, sequence_parallel=job.config.parallel.sequence_parallel)
-        for path in plan:
+def _sizes(stages: list[nn.Module], plans: list[StagePlan], tp: int) -> dict[int, int]:
+    """id(parameter) -> elements this rank holds of it after tp, over the distinct parameters."""
+    split: dict[int, int] = {}
+    for stage, plan in zip(stages, plans, strict=True):
+        for path, style in plan.tp.items():
             module = stage.get_submodule(path)
-            sharded.update(id(p) for p in module.parameters(recurse=False) if p.dim() == 2)
-    return sharded
+            for name in shard_dims(module, style):
+                split[id(module.get_parameter(name))] = tp
+    return {
+        id(p): -(-p.numel() // split.get(id(p), 1)) for stage in stages for p in stage.parameters()
+    }
 
 
-def _count(params, sharded: set[int], tp: int, dp: int) -> int:
-    """Elements per rank of the distinct `params`, split over tp where sharded and over dp."""
-    unique = {id(p): p for p in params}
-    return sum(
-        _ceil_div(_ceil_div(p.numel(), tp) if key in sharded else p.numel(), dp)
-        for key, p in unique.items()
-    )
+def _total(sizes: dict[int, int], dp: int) -> int:
+    return sum(-(-n // dp) for n in sizes.values())
 
 
-def _working_params(job: Job, stages: list[nn.Module], params: int) -> int:
+def _working_params(
+    job: Job, stages: list[nn.Module], plans: list[StagePlan], sizes: dict[int, int]
+) -> int:
     """Parameters' worth of transient full copies (see MemoryEstimate.working)."""
     par = job.config.parallel
-    if not (par.dp_shard and par.dp > 1):
-        return params if par.dp > 1 else 0
-    sharded = _tp_sharded(job, stages)
-    blocks = [
-        b
-        for stage in stages
-        for m in stage.modules()
-        if isinstance(m, nn.ModuleList | nn.ModuleDict)
-        for b in m.children()
+    if not par.fsdp:
+        return _total(sizes, 1) if par.dp > 1 else 0
+    units = [
+        {id(p) for p in stage.get_submodule(path).parameters()}
+        for stage, plan in zip(stages, plans, strict=True)
+        for path in plan.fsdp_units
     ]
-    sizes = [_count(b.parameters(), sharded, par.tp, 1) for b in blocks]
-    everything = [p for stage in stages for p in stage.parameters()]
-    root = _count(everything, sharded, par.tp, 1) - sum(sizes)
-    return 2 * root + 3 * max(sizes, default=0)
+    unit_sizes = [sum(sizes[key] for key in unit) for unit in units]
+    root = _total(sizes, 1) - sum(unit_sizes)
+    return 2 * root + 3 * max(unit_sizes, default=0)
 
 
 def estimate_memory(
@@ -170,22 +162,26 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Peak bytes on one rank of pp rank `pp_i` holding `num_layers` layers and `params`.
 
-    Activations kept for backward, per token and layer, in fp32 floats (no recomputation):
-      4*hidden      residual stream in and out of both RMSNorms (split over tp under
-                    sequence parallel, else replicated)
-      (2*hidden + 2*kv_dim + 4*intermediate) / tp
-                    q, k, v, attention output, gate, up, silu(gate), silu(gate)*up
-    which is 24 floats per hidden unit for a multi-head block with intermediate = 4*hidden, tp = 1.
-    A 1F1B pipeline keeps up to min(grad_acc, pp - pp_rank) micro-batches in flight per stage
-    (GPipe keeps all grad_acc; this estimate assumes 1F1B). Logits are (mbs, seq, vocab/tp)."""
+    Activations kept for backward per token and layer come from the family (ModelShape): the
+    replicated part is split over tp only under sequence parallel, the rest always. The schedule
+    says how many micro-batches a rank keeps in flight. Full activation checkpointing keeps only
+    each layer's input plus one layer being recomputed; selective keeps the tp-split part (the
+    matmul outputs). Logits are (mbs, seq, vocab / tp), several copies alive on the last stage."""
     cfg, shape = job.config, job.shape
     par, train = cfg.parallel, cfg.train
-    kv_dim = shape.hidden_size // shape.num_heads * shape.num_kv_heads
-    replicated = 4 * shape.hidden_size / (par.tp if par.sequence_parallel else 1)
-    split = (2 * shape.hidden_size + 2 * kv_dim + 4 * shape.intermediate_size) / par.tp
+    replicated = shape.activations_replicated / (par.tp if par.sequence_parallel else 1)
+    split = shape.activations_split / par.tp
+    per_layer = {
+        "none": replicated + split,
+        "selective": split + shape.hidden_size / par.tp,
+        "full": shape.hidden_size / (par.tp if par.sequence_parallel else 1),
+    }
+    kept = per_layer[train.activation_checkpointing] * num_layers
+    if train.activation_checkpointing != "none":
+        kept += replicated + split  # the layer being recomputed
     tokens = train.micro_batch_size * train.seq_len
-    in_flight = min(train.grad_acc, par.pp - pp_i)
-    activations = int(tokens * num_layers * (replicated + split) * BYTES_FP32 * in_flight)
+    in_flight = job.schedule.in_flight(pp_i, par.pp, train.grad_acc) if par.pp > 1 else 1
+    activations = int(tokens * kept * BYTES_FP32 * in_flight)
     logits = tokens * shape.vocab_size // par.tp * BYTES_FP32 * LOGITS_COPIES if last else 0
     return MemoryEstimate(
         state=params * STATE_BYTES_PER_PARAM,
@@ -194,7 +190,3 @@ def estimate_memory(
         working=working * BYTES_FP32,
         baseline=WORKER_BASELINE_BYTES,
     )
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)

@@ -30,8 +30,6 @@ class Mesh:
     dp_rank: int
     pp_rank: int
     tp_rank: int
-    tied_group: dist.ProcessGroup | None
-    """First and last pipeline rank of this (dp, tp) column, for tied weights; None elsewhere."""
 
     def size(self, axis: str) -> int:
         return self.mesh[axis].size()
@@ -72,22 +70,24 @@ def init_mesh(config: Config, device_type: str) -> Mesh:
         dp_rank=coords["dp"],
         pp_rank=coords["pp"],
         tp_rank=coords["tp"],
-        tied_group=_tied_group(mesh, par.dp, par.pp, par.tp),
     )
 
 
-def _tied_group(mesh: DeviceMesh, dp: int, pp: int, tp: int) -> dist.ProcessGroup | None:
-    # Every rank must create every group, in the same order.
-    if pp == 1:
-        return None
-    ranks = mesh.mesh  # (dp, pp, tp) tensor of global ranks
-    mine = None
-    for d in range(dp):
-        for t in range(tp):
-            pair = [int(ranks[d, 0, t]), int(ranks[d, pp - 1, t])]
-            group = dist.new_group(pair)
-            if dist.get_rank() in pair:
-                mine = group
+def pp_pair_groups(
+    mesh: Mesh, pairs: list[tuple[int, int]]
+) -> dict[tuple[int, int], dist.ProcessGroup]:
+    """For each pair of pp ranks, the group of the two ranks with this rank's dp and tp
+    coordinates (e.g. the ranks holding a tied embedding and head). Every rank creates every
+    group, in the same order, as torch.distributed requires."""
+    ranks = mesh.mesh.mesh  # (dp, pp, tp) tensor of global ranks
+    mine = {}
+    for a, b in pairs:
+        for d in range(ranks.shape[0]):
+            for t in range(ranks.shape[2]):
+                members = [int(ranks[d, a, t]), int(ranks[d, b, t])]
+                group = dist.new_group(members)
+                if mesh.rank in members:
+                    mine[(a, b)] = group
     return mine
 
 

@@ -1,4 +1,5 @@
-"""Build this rank's part of the model: meta model -> stages -> tensor parallel -> weights -> dp.
+"""Build this rank's part of the model: meta model -> the schedule's stages -> the family's plans
+applied (meshtrain.parallelize) -> tied copies paired up for the gradient step.
 
 Nothing full-sized is ever allocated: the model is built on the meta device, cut to this rank's
 stages, sharded over tp, and only then given memory; FSDP2 (dp_shard) shards it further over dp.
@@ -13,29 +14,30 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshtrain.data_parallel import apply_fsdp
+from meshtrain.contracts import StagePlan
+from meshtrain.grads import GradState, Tie
 from meshtrain.job import Job
-from meshtrain.mesh import Mesh
-from meshtrain.pipeline import split_model, stage_ids
-from meshtrain.tensor_parallel import apply_tensor_parallel
+from meshtrain.mesh import Mesh, pp_pair_groups
+from meshtrain.parallelize import parallelize
+from meshtrain.pipeline import split_model, stage_ranks
 from meshtrain.weights import init_weights, load_hf_weights, pretrained_folder
 
 
 @dataclass
 class ParallelModel:
     stages: list[nn.Module]
-    """This rank's stage modules, in schedule order."""
+    """This rank's stage modules, in the schedule's placement order."""
     stage_ids: list[int]
     num_stages: int
-    params: list[nn.Parameter]
-    """Unique parameters of this rank, in a fixed order."""
+    plans: list[StagePlan]
+    grads: GradState
+    """This rank's unique parameters and how to finish their gradients."""
     names: list[str]
-    """Hugging Face names of `params`."""
-    norm_weights: list[float]
-    """Per parameter: 1 / number of ranks holding the same values (0 for a tied copy), so one
-    world-wide sum of weighted squares gives the global gradient norm."""
-    tied: list[nn.Parameter]
-    """Parameters tied to one on another pipeline rank: their grads are summed over the pair."""
+    """Stage parameter names of `grads.params`."""
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return self.grads.params
 
     @property
     def first(self) -> bool:
@@ -47,66 +49,110 @@ class ParallelModel:
 
 
 def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> ParallelModel:
-    """This rank's stages with TP (and FSDP) applied. `weights`: "init" (from train.seed),
+    """This rank's stages with the plan applied. `weights`: "init" (from train.seed),
     "pretrained" (model.name's safetensors) or "none" (a checkpoint fills them later)."""
-    par = job.config.parallel
+    cfg, family = job.config, job.family
+    par = cfg.parallel
     with torch.device("meta"):
-        full = job.family.build(job.model_config)
-    ids = stage_ids(mesh.pp_rank, par.pp, job.schedule.stages_per_rank)
-    stages = split_model(job.family, full, job.shape.num_layers, ids, job.num_stages)
+        full = family.build(job.model_config)
+    ids = job.schedule.placement(mesh.pp_rank, par.pp)
+    holders = _holders(job, full)
+    stages = split_model(family, full, job.shape.num_layers, ids, job.num_stages, job.seq_shards)
     del full
-    tied = {copy: source for source, copy in job.family.tied_parameters(job.model_config)}
-    for stage in stages:
-        apply_tensor_parallel(
-            stage, job.family, mesh.mesh["tp"], sequence_parallel=par.sequence_parallel
-        )
-        stage.to_empty(device=mesh.device)
-        job.family.init_buffers(stage)
-        _retie(stage, tied)
-    if weights == "init":
-        init_weights(stages, job.family, job.model_config, job.config.train.seed, tied)
-    elif weights == "pretrained":
-        load_hf_weights(stages, pretrained_folder(job.config.model.name), tied)
-    if par.dp_shard and par.dp > 1:
+    plans = [family.plan(stage, sequence_parallel=job.seq_shards > 1) for stage in stages]
+    tied = {copy: source for source, copy in family.tied_parameters(job.model_config)}
+
+    def fill(stages: list[nn.Module]) -> None:
         for stage in stages:
-            apply_fsdp(stage, mesh.mesh["dp"])  # after init: FSDP2 swaps the Parameter objects
-    return _collect(stages, ids, job.num_stages, mesh, tied)
+            stage.to_empty(device=mesh.device)
+            family.init_buffers(stage)
+            _retie(stage, tied)
+        if weights == "init":
+            init_weights(stages, family, job.model_config, cfg.train.seed, tied)
+        elif weights == "pretrained":
+            hf_keys = {k: v for plan in plans for k, v in plan.hf_keys.items()}
+            load_hf_weights(stages, pretrained_folder(cfg.model.name), tied, hf_keys)
+
+    parallelize(stages, plans, mesh.mesh["tp"], mesh.mesh["dp"], cfg, fill)
+    params, names = _unique_parameters(stages)
+    ties = _ties(job, mesh, holders, dict(zip(names, params, strict=True)))
+    norm = [
+        0.0 if name in tied else 1.0 / _replicas(p, mesh)
+        for name, p in zip(names, params, strict=True)
+    ]
+    grads = GradState(
+        params=params,
+        norm_weights=norm,
+        ties=ties,
+        dp_group=None if par.fsdp else mesh.group("dp"),
+        dp_size=mesh.size("dp"),
+    )
+    return ParallelModel(
+        stages=stages,
+        stage_ids=ids,
+        num_stages=job.num_stages,
+        plans=plans,
+        grads=grads,
+        names=names,
+    )
+
+
+def _holders(job: Job, full: nn.Module) -> dict[str, int]:
+    """Tied parameter name -> the stage that holds it (every stage cut on meta; cheap)."""
+    every = split_model(
+        job.family,
+        full,
+        job.shape.num_layers,
+        list(range(job.num_stages)),
+        job.num_stages,
+        job.seq_shards,
+    )
+    wanted = {name for pair in job.family.tied_parameters(job.model_config) for name in pair}
+    return {
+        name: index
+        for index, stage in enumerate(every)
+        for name, _ in stage.named_parameters(remove_duplicate=False)
+        if name in wanted
+    }
+
+
+def _ties(
+    job: Job, mesh: Mesh, holders: dict[str, int], mine: dict[str, nn.Parameter]
+) -> list[Tie]:
+    """Pair tied copies: locally when both sit on this pp rank in different stages, else over a
+    group with the pp rank holding the other side. Shared within one stage: nothing to do."""
+    ranks = stage_ranks(job.schedule, job.config.parallel.pp)
+    pairs = job.family.tied_parameters(job.model_config)
+    remote = {tuple(sorted((ranks[holders[a]], ranks[holders[b]]))) for a, b in pairs}
+    groups = pp_pair_groups(mesh, sorted(p for p in remote if p[0] != p[1]))
+    ties = []
+    for a, b in pairs:
+        if holders[a] == holders[b]:
+            continue  # one Parameter, re-tied inside the stage
+        held = [mine[n] for n in (a, b) if n in mine]
+        if held:
+            pair = tuple(sorted((ranks[holders[a]], ranks[holders[b]])))
+            ties.append(Tie(params=held, group=groups.get(pair)))
+    return ties
 
 
 def _retie(stage: nn.Module, tied: dict[str, str]) -> None:
     """parallelize_module and to_empty untie shared weights; tie them again within a stage."""
     for copy, source in tied.items():
         if _has(stage, copy) and _has(stage, source):
-            owner, attr = _owner(stage, copy)
-            setattr(owner, attr, stage.get_parameter(source))
+            path, _, attr = copy.rpartition(".")
+            setattr(stage.get_submodule(path), attr, stage.get_parameter(source))
 
 
-def _collect(
-    stages: list[nn.Module], ids: list[int], num_stages: int, mesh: Mesh, tied: dict[str, str]
-) -> ParallelModel:
-    params, names, weights, tied_params = [], [], [], []
-    seen: set[int] = set()
+def _unique_parameters(stages: list[nn.Module]) -> tuple[list[nn.Parameter], list[str]]:
+    params, names, seen = [], [], set()
     for stage in stages:
         for name, p in stage.named_parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            in_pair = name in tied or name in tied.values()
-            is_copy = name in tied and mesh.size("pp") > 1
-            params.append(p)
-            names.append(name)
-            weights.append(0.0 if is_copy else 1.0 / _replicas(p, mesh))
-            if in_pair and mesh.size("pp") > 1:
-                tied_params.append(p)
-    return ParallelModel(
-        stages=stages,
-        stage_ids=ids,
-        num_stages=num_stages,
-        params=params,
-        names=names,
-        norm_weights=weights,
-        tied=tied_params,
-    )
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+                names.append(name)
+    return params, names
 
 
 def _replicas(p: torch.Tensor, mesh: Mesh) -> int:
@@ -127,8 +173,3 @@ def _has(module: nn.Module, name: str) -> bool:
         return True
     except AttributeError:
         return False
-
-
-def _owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return module.get_submodule(path), attr

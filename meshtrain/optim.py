@@ -1,15 +1,10 @@
-"""AdamW, the learning-rate schedule, and gradient clipping by the global norm over every axis.
-
-The global norm is one world-wide all-reduce of weighted local squares: a parameter held by k
-ranks (replicated over dp or tp) counts 1/k from each, a tied copy on another stage counts 0.
-"""
+"""AdamW and the learning-rate schedule (gradients are finished in meshtrain.grads)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from torch.optim import AdamW
 from torch.optim.lr_scheduler import LambdaLR
@@ -48,38 +43,3 @@ def build_lr_schedule(optimizer: AdamW, train: TrainSection) -> LambdaLR:
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
-
-
-def local_grad(p: torch.Tensor) -> torch.Tensor | None:
-    g = p.grad
-    return g.to_local() if isinstance(g, DTensor) else g
-
-
-def weighted_square_norm(params: list, weights: list[float]) -> torch.Tensor:
-    """This rank's share of the squared global gradient norm (fp64, a 0-d tensor)."""
-    squares = [
-        w * local_grad(p).detach().double().square().sum()
-        for p, w in zip(params, weights, strict=True)
-        if w and p.grad is not None
-    ]
-    return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
-
-
-def clip_grads(params: list, total_norm: float, max_norm: float) -> None:
-    """Scale every gradient so the global norm is at most `max_norm` (0 = off)."""
-    if max_norm <= 0:
-        return
-    coef = max_norm / (total_norm + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            g = local_grad(p)
-            if g is not None:
-                g.mul_(coef)
-
-
-def sync_tied_grads(params: list, group: dist.ProcessGroup | None) -> None:
-    """Sum the gradients of weights tied across the first and last pipeline stage."""
-    if group is None or not params:
-        return
-    for p in params:
-        dist.all_reduce(local_grad(p), group=group)

@@ -1,19 +1,17 @@
-"""Pipeline parallel: which layers each stage holds, and the `torch.distributed.pipelining` glue.
+"""Pipeline parallel: which layers each stage holds, where the schedule places stages, and the
+`torch.distributed.pipelining` glue.
 
-Stages are numbered 0..num_stages-1; pp rank p holds stages p, p + pp, ... (one for GPipe/1F1B,
-two for interleaved schedules). The first stage also holds the embedding, the last the norm + head.
+Stages are numbered 0..num_stages-1 in model order; stage 0 also holds the embedding, the last the
+norm + head. The schedule's `placement` says which stages each pp rank holds (loop: p, p + pp, ...;
+V: p and 2*pp - 1 - p).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-
-log = logging.getLogger("meshtrain")
 
 
 def partition_layers(num_layers: int, num_stages: int) -> list[range]:
@@ -29,9 +27,9 @@ def partition_layers(num_layers: int, num_stages: int) -> list[range]:
     return ranges
 
 
-def stage_ids(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:
-    """The stages pp rank `pp_rank` holds, in execution order (loop-style placement)."""
-    return [pp_rank + k * pp for k in range(stages_per_rank)]
+def stage_ranks(schedule: Any, pp: int) -> dict[int, int]:
+    """Stage id -> the pp rank that holds it, from the schedule's placement."""
+    return {stage: rank for rank in range(pp) for stage in schedule.placement(rank, pp)}
 
 
 def describe_stages(num_layers: int, num_stages: int) -> list[str]:
@@ -50,17 +48,33 @@ def describe_stages(num_layers: int, num_stages: int) -> list[str]:
 
 
 def split_model(
-    family: Any, model: nn.Module, num_layers: int, ids: list[int], num_stages: int
+    family: Any,
+    model: nn.Module,
+    num_layers: int,
+    ids: list[int],
+    num_stages: int,
+    sequence_shards: int = 1,
 ) -> list[nn.Module]:
-    """This rank's stage modules, cut from the full (meta) model by the family."""
+    """Stage modules `ids`, cut from the full (meta) model by the family."""
     ranges = partition_layers(num_layers, num_stages)
-    return [family.split(model, ranges[i], first=i == 0, last=i == num_stages - 1) for i in ids]
+    return [
+        family.split(
+            model,
+            ranges[i],
+            first=i == 0,
+            last=i == num_stages - 1,
+            sequence_shards=sequence_shards,
+        )
+        for i in ids
+    ]
 
 
 def build_pipeline_stages(
     stages: list[nn.Module], ids: list[int], num_stages: int, device: torch.device, group: Any
-) -> list[PipelineStage]:
+) -> list[Any]:
     """Wrap stage modules for the schedule; shapes are inferred on the first step."""
+    from torch.distributed.pipelining import PipelineStage
+
     return [
         PipelineStage(module, index, num_stages, device, group=group)
         for module, index in zip(stages, ids, strict=True)

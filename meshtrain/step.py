@@ -16,12 +16,12 @@ import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from meshtrain.contracts import IGNORE_INDEX, Batch
+from meshtrain.errors import UserError
 from meshtrain.mesh import Mesh
 from meshtrain.model import ParallelModel
 from meshtrain.pipeline import build_pipeline_stages
 from meshtrain.tensor_parallel import loss_context
-
-IGNORE = -100
 
 
 class TokenLoss:
@@ -33,7 +33,10 @@ class TokenLoss:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # logits (B, T, V), vocab-sharded DTensor under tp; labels (B, T)
         loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="sum"
+            logits.flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=IGNORE_INDEX,
+            reduction="sum",
         )
         return loss * self.scale
 
@@ -47,7 +50,7 @@ class Stepper:
         mesh: Mesh,
         schedule_provider: Any,
         grad_acc: int,
-        precision: str,
+        autocast: bool,
     ):
         self.model, self.mesh, self.grad_acc = model, mesh, grad_acc
         self.loss_fn = TokenLoss()
@@ -57,19 +60,20 @@ class Stepper:
                 model.stages, model.stage_ids, model.num_stages, mesh.device, mesh.group("pp")
             )
             self.schedule = schedule_provider.build(stages, grad_acc, self.loss_fn)
+        # bf16 without FSDP2's mixed precision (which casts the gathered weights itself).
         self.autocast = (
             torch.autocast(mesh.device.type, dtype=torch.bfloat16)
-            if precision == "bf16"
+            if autocast
             else contextlib.nullcontext()
         )
 
-    def run(self, batch: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Forward + backward of this rank's rows of the global batch (n, T+1).
+    def run(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Forward + backward of this rank's rows of the global batch.
 
         Returns (this rank's loss contribution, global target tokens)."""
-        batch = batch.to(self.mesh.device)
-        inputs, labels = batch[:, :-1], batch[:, 1:]  # (n, T) each
-        tokens = (labels != IGNORE).sum()
+        inputs, labels = as_batch(batch)
+        inputs, labels = inputs.to(self.mesh.device), labels.to(self.mesh.device)  # (n, T) each
+        tokens = (labels != IGNORE_INDEX).sum()
         dist.all_reduce(tokens, group=self.mesh.group("dp"))
         self.loss_fn.scale = self.mesh.size("dp") / max(int(tokens), 1)
         with loss_context(self.mesh.size("tp")), self.autocast:
@@ -100,6 +104,31 @@ class Stepper:
         for loss in losses:
             total += _plain(loss.detach())
         return total
+
+
+def as_batch(value: Batch | torch.Tensor) -> Batch:
+    """A stream's batch as (inputs, labels); a single (n, T + 1) tensor from an older stream is
+    read as inputs [:, :-1] and labels [:, 1:]. Inputs are checked: a -100 label copied into the
+    inputs would index the embedding out of range (or silently hit a zero row under tp)."""
+    if isinstance(value, torch.Tensor):
+        value = Batch(inputs=value[:, :-1], labels=value[:, 1:])
+    if not isinstance(value, tuple) or len(value) != 2:
+        raise UserError(
+            f"data.source: next_batch() returned {type(value).__name__}, "
+            "expected a meshtrain Batch(inputs, labels) or one (n, seq_len + 1) tensor"
+        )
+    inputs, labels = value
+    if inputs.shape != labels.shape:
+        raise UserError(
+            f"data.source: a batch has inputs {tuple(inputs.shape)} but labels "
+            f"{tuple(labels.shape)}; they must have one shape"
+        )
+    if bool((inputs < 0).any()):
+        raise UserError(
+            "data.source: a batch has negative input ids (a -100 label mask in the "
+            "inputs?); mask labels only, e.g. with Batch(inputs, labels)"
+        )
+    return Batch(inputs=inputs, labels=labels)
 
 
 def _plain(t: torch.Tensor) -> torch.Tensor:

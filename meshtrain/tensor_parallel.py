@@ -1,4 +1,4 @@
-"""Tensor parallel: apply the family's DTensor plan on the tp axis, and the vocab-parallel pieces.
+"""Tensor parallel pieces the plans use: the vocab-parallel embedding and the parallel loss.
 
 The head returns logits sharded over the vocabulary (Shard(-1)); `loss_parallel` computes the
 cross-entropy from those shards without gathering full-vocabulary logits on any rank. The
@@ -24,19 +24,7 @@ from torch.distributed.tensor import (
     Shard,
     distribute_tensor,
 )
-from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel, parallelize_module
-
-
-def apply_tensor_parallel(
-    stage: nn.Module, family: Any, tp_mesh: DeviceMesh, *, sequence_parallel: bool
-) -> None:
-    """Shard `stage` in place over `tp_mesh` (a no-op for tp = 1)."""
-    if tp_mesh.size() == 1:
-        return
-    parallelize_module(stage, tp_mesh, family.tp_plan(stage, sequence_parallel=sequence_parallel))
-    if sequence_parallel:
-        # Hidden states between stages are sequence shards; rotary positions need the full length.
-        stage.sequence_shards = tp_mesh.size()
+from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
 
 
 def loss_context(tp: int) -> contextlib.AbstractContextManager:
@@ -55,6 +43,9 @@ class VocabParallelEmbedding(ParallelStyle):
     def __init__(self, output_layout: Placement | None = None):
         super().__init__()
         self.output_layout = output_layout or Replicate()
+
+    def shard_dims(self, module: nn.Module) -> dict[str, int]:
+        return {"weight": 0}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
         assert isinstance(module, nn.Embedding)
@@ -78,3 +69,18 @@ def _lookup(
     out = out.masked_fill(outside.unsqueeze(-1), 0.0)
     summed = DTensor.from_local(out, mesh, [Partial()]).redistribute(mesh, [output_layout])
     return summed.to_local()
+
+
+def shard_dims(module: nn.Module, style: Any) -> dict[str, int]:
+    """Which of `module`'s own parameters `style` splits over tp, and along which dim, for
+    counting without a process group. A style of a plugin's own says so with `shard_dims`."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    own = dict(module.named_parameters(recurse=False))
+    if hasattr(style, "shard_dims"):
+        return style.shard_dims(module)
+    if isinstance(style, ColwiseParallel):  # Linear (out, in) and bias (out); Embedding (V, C)
+        return {name: 1 if isinstance(module, nn.Embedding) else 0 for name in own}
+    if isinstance(style, RowwiseParallel):  # the bias stays whole
+        return {"weight": 0 if isinstance(module, nn.Embedding) else 1} if "weight" in own else {}
+    return {}

@@ -7,10 +7,9 @@ batch -> forward/backward (pipelined or not) -> dp grad sync -> tied grad sync
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +18,12 @@ import torch.distributed as dist
 
 from meshtrain import checkpoint
 from meshtrain.contracts import DataContext
-from meshtrain.data_parallel import align_grad_placements, all_reduce_grads
+from meshtrain.grads import finish_grads
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, init_mesh
 from meshtrain.metrics import MetricsLog, peak_flops, peak_rss_gib
 from meshtrain.model import ParallelModel, build_parallel_model
-from meshtrain.optim import (
-    build_lr_schedule,
-    build_optimizer,
-    clip_grads,
-    sync_tied_grads,
-    weighted_square_norm,
-)
+from meshtrain.optim import build_lr_schedule, build_optimizer
 from meshtrain.pipeline import describe_stages
 from meshtrain.step import Stepper
 
@@ -73,7 +66,7 @@ def run_worker(job: Job) -> list[dict]:
         hook.on_step_end(config=cfg, rank=rank, step=trainer.step, metrics=metrics)
         every = cfg.checkpoint.every
         if every and (trainer.step % every == 0 or trainer.step == cfg.train.steps):
-            path = checkpoint.save(trainer)
+            path = save_checkpoint(trainer)
             hook.on_checkpoint_saved(config=cfg, rank=rank, step=trainer.step, path=path)
     if metrics_log:
         metrics_log.close()
@@ -103,39 +96,43 @@ def build_trainer(job: Job) -> Trainer:
         job=job,
         mesh=mesh,
         model=model,
-        stepper=Stepper(model, mesh, job.schedule, cfg.train.grad_acc, cfg.train.precision),
+        stepper=Stepper(
+            model,
+            mesh,
+            job.schedule,
+            cfg.train.grad_acc,
+            autocast=cfg.train.precision == "bf16" and not cfg.parallel.fsdp,
+        ),
         optimizer=optimizer,
         lr_schedule=build_lr_schedule(optimizer, cfg.train),
         data=job.source.open(job.data_options, data_context(job, mesh.dp_rank)),
         peak_flops=peak_flops(mesh),
     )
     if resume_from is not None:
-        checkpoint.load(trainer, resume_from)
+        load_checkpoint(trainer, resume_from)
     return trainer
 
 
 def train_step(t: Trainer) -> dict:
     """One optimizer step; returns its global metrics (the same on every rank)."""
-    cfg, mesh, model = t.job.config, t.mesh, t.model
+    cfg, shape = t.job.config, t.job.shape
     start, cpu_start = time.perf_counter(), time.process_time()
     loss, tokens = t.stepper.run(t.data.next_batch())
-    align_grad_placements(model.params)
-    if not (cfg.parallel.dp_shard and mesh.size("dp") > 1):
-        all_reduce_grads(model.params, mesh.group("dp"), mesh.size("dp"))
-    sync_tied_grads(model.tied, mesh.tied_group)
-    stats = _global_stats(t, loss, cpu_start)
-    clip_grads(model.params, stats["grad_norm"], cfg.train.grad_clip)
+    grad_norm = finish_grads(t.model.grads, cfg.train.grad_clip)
     lr = t.lr_schedule.get_last_lr()[0]
     t.optimizer.step()
     t.lr_schedule.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
+    stats = _global_stats(t, loss, cpu_start)
     elapsed = time.perf_counter() - start
-    flops = t.job.family.flops_per_token(t.job.model_config, cfg.train.seq_len) * tokens
+    # 6 FLOPs per matmul parameter and token (fwd + bwd) plus attention scores (PaLM, app. B).
+    attention = 12 * shape.num_layers * shape.num_heads * shape.head_dim * cfg.train.seq_len
+    flops = (6 * shape.matmul_params + attention) * tokens
     return {
         "step": t.step,
         "loss": stats["loss"],
-        "grad_norm": stats["grad_norm"],
+        "grad_norm": grad_norm,
         "lr": lr,
         "tokens": tokens,
         "step_time_s": elapsed,
@@ -147,25 +144,57 @@ def train_step(t: Trainer) -> dict:
 
 
 def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
-    """Loss, gradient norm, memory and CPU time over the world, in two all-reduces."""
+    """Loss, memory and CPU time over the world, in two all-reduces."""
     mesh, model = t.mesh, t.model
     # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
     reporter = model.last and mesh.tp_rank == 0
     share = float(loss) / mesh.size("dp") if reporter else 0.0
-    square = weighted_square_norm(model.params, model.norm_weights).to(mesh.device)
     rss = peak_rss_gib()
     local = torch.tensor(
-        [share, 0.0, rss, time.process_time() - cpu_start], dtype=torch.float64, device=mesh.device
+        [share, rss, time.process_time() - cpu_start], dtype=torch.float64, device=mesh.device
     )
-    local[1] = square
     dist.all_reduce(local)
     peak = torch.tensor(rss, device=mesh.device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return {
         "loss": float(local[0]),
-        "grad_norm": math.sqrt(float(local[1])),
-        "cpu_s": float(local[3]),
-        "memory": {"peak_mem_total_gib": float(local[2]), "peak_mem_max_rank_gib": float(peak)},
+        "cpu_s": float(local[2]),
+        "memory": {"peak_mem_total_gib": float(local[1]), "peak_mem_max_rank_gib": float(peak)},
+    }
+
+
+def save_checkpoint(t: Trainer) -> Path:
+    cfg = t.job.config
+    meta = {
+        "lr_schedule": t.lr_schedule.state_dict(),
+        "shape": asdict(t.job.shape),
+        "config": cfg.raw,
+        "world": t.mesh.world,
+        "layout": checkpoint.layout_of(cfg),
+        "family": cfg.model.family,
+    }
+    rank_state = {"rng": torch.get_rng_state(), "data": t.data.state_dict()}
+    return checkpoint.save(
+        checkpoint.checkpoints_dir(cfg), t.step, _states(t), rank_state, meta, cfg.checkpoint.keep
+    )
+
+
+def load_checkpoint(t: Trainer, path: Path) -> None:
+    """Restore model, optimizer, LR schedule, step, data position and RNG from `path`."""
+    meta, rank_state = checkpoint.load(path, _states(t), checkpoint.layout_of(t.job.config))
+    t.step = int(meta["step"])
+    checkpoint.restore_lr_schedule(t.lr_schedule, t.step)
+    t.data.load_state_dict(rank_state["data"])
+    torch.set_rng_state(rank_state["rng"])
+    if t.mesh.rank == 0:
+        log.info("resumed from %s at step %d", path, t.step)
+
+
+def _states(t: Trainer) -> dict[str, Any]:
+    tied = {copy: source for source, copy in t.job.family.tied_parameters(t.job.model_config)}
+    return {
+        "model": checkpoint.ModelState(t.model.stages, tied),
+        "optim": checkpoint.OptimizerState(t.model.stages, t.optimizer, tied),
     }
 
 

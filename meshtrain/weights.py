@@ -44,18 +44,21 @@ def init_weights(
     fill_parameters(stages, tied, local_value)
 
 
-def load_hf_weights(stages: list[nn.Module], folder: Path, tied: dict[str, str]) -> None:
+def load_hf_weights(
+    stages: list[nn.Module], folder: Path, tied: dict[str, str], hf_keys: dict[str, str]
+) -> None:
     """Fill parameters from a Hugging Face safetensors checkpoint (one file or sharded with an
-    index), reading only this rank's slice of each tensor."""
+    index), reading only this rank's slice of each tensor. `hf_keys` maps stage names to file
+    keys where they differ (StagePlan.hf_keys)."""
     from safetensors import safe_open
 
     files = _safetensors_files(folder)
     handles = {f: safe_open(str(f), framework="pt") for f in set(files.values())}
 
     def local_value(name: str, param: torch.Tensor) -> torch.Tensor:
-        key = name
+        key = hf_keys.get(name, name)
         if key not in files:
-            raise UserError(f"model.name: {folder} has no tensor {name!r}")
+            raise UserError(f"model.name: {folder} has no tensor {key!r}")
         tensor = handles[files[key]].get_slice(key)
         if list(tensor.get_shape()) != list(param.shape):
             raise UserError(

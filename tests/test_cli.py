@@ -90,9 +90,9 @@ def test_check_set_override_changes_layout():
 def test_plugins_lists_builtins():
     result = meshtrain("plugins")
     assert result.returncode == 0, result.stderr
-    for plugin in ("meshtrain_llama", "meshtrain_schedules", "meshtrain_data"):
+    for plugin in ("meshtrain_models", "meshtrain_schedules", "meshtrain_data"):
         assert f"{plugin}  (meshtrain " in result.stdout
-    assert "model family: llama" in result.stdout
+    assert "model family: llama, qwen3" in result.stdout
     assert re.search(r"pipeline schedule: .*\b1f1b\b", result.stdout)
     assert re.search(r"pipeline schedule: .*\bgpipe\b", result.stdout)
     assert re.search(r"data source: .*\boffline\b", result.stdout)
@@ -116,8 +116,8 @@ BAD_CONFIGS = {
     "tp vs heads": (
         "BASE\n[parallel]\ntp = 3\n",
         [
-            "parallel.tp: 3 does not divide the 4 attention heads",
-            "parallel.tp: 3 does not divide the 2 key/value heads",
+            "parallel.tp: 3 does not divide model.num_attention_heads (4)",
+            "parallel.tp: 3 does not divide model.num_key_value_heads (2)",
         ],
     ),
     "wrong types": (
@@ -152,7 +152,7 @@ def test_bad_config_subprocess_exit_2_no_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: {path}: model.family: unknown model family 'lama' (did you mean llama?); "
-        "available: llama"
+        "available: llama, qwen3"
     ]
     debug = meshtrain("check", str(path), MESHTRAIN_DEBUG="1")
     assert debug.returncode == 1

@@ -21,7 +21,7 @@ from meshtrain.job import resolve_job
 from meshtrain.plugins import Plugins
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILTINS = ("meshtrain_llama", "meshtrain_schedules", "meshtrain_data")
+BUILTINS = ("meshtrain_models", "meshtrain_schedules", "meshtrain_data")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,8 +42,14 @@ class FakeSource:
 class FakeSchedule:
     stages_per_rank = 1
 
-    def validate(self, *, pp, grad_acc):
+    def placement(self, pp_rank, pp):
+        return [pp_rank]
+
+    def validate(self, *, pp, grad_acc, num_layers):
         return []
+
+    def in_flight(self, pp_rank, pp, grad_acc):
+        return grad_acc
 
     def build(self, stages, n_microbatches, loss_fn):
         raise NotImplementedError
@@ -78,9 +84,9 @@ def test_builtins_register_through_entry_points():
     assert set(BUILTINS) <= names
     assert {"gpipe", "1f1b"} <= set(plugins.catalogs["pipeline_schedules"])
     assert "llama" in plugins.catalogs["model_families"]
-    llama = next(info for info in plugins.describe() if info.name == "meshtrain_llama")
-    assert llama.distribution == "meshtrain" and llama.hooks == ["model_families"]
-    assert llama.provides == {"model_families": ["llama"]}
+    models = next(info for info in plugins.describe() if info.name == "meshtrain_models")
+    assert models.distribution == "meshtrain" and models.hooks == ["model_families"]
+    assert models.provides == {"model_families": ["llama", "qwen3"]}
 
 
 def test_extra_plugin_provides_names():
@@ -116,7 +122,7 @@ def test_unknown_name_suggests_and_lists():
         plugins.get("pipeline_schedules", "1fb1", "run.toml: pipeline.schedule")
     (line,) = info.value.problems
     assert line.startswith("run.toml: pipeline.schedule: unknown pipeline schedule '1fb1'")
-    assert "(did you mean 1f1b?)" in line and "available: 1f1b, gpipe" in line
+    assert "(did you mean 1f1b?)" in line and "available: 1f1b, dualpipev, gpipe" in line
 
 
 def test_disable_removes_a_plugin():
@@ -164,6 +170,54 @@ def test_core_never_imports_a_plugin_package():
             assert not bad, f"{source.name}:{node.lineno} imports {bad}"
 
 
+def _imports(source: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in `source`, function-level ones too, except those under
+    `if TYPE_CHECKING:` (never executed)."""
+    tree = ast.parse(source.read_text(), str(source))
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for n in ast.walk(node)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.lineno, node.module))
+    return found
+
+
+def test_builtin_plugins_import_only_the_public_api():
+    for source in sorted((ROOT / "plugins").rglob("*.py")):
+        for line, module in _imports(source):
+            if module == "meshtrain" or module.startswith("meshtrain."):
+                assert module == "meshtrain.api", f"{source.relative_to(ROOT)}:{line} {module}"
+
+
+def test_core_modules_have_no_import_circle():
+    graph = {}
+    for source in sorted((ROOT / "meshtrain").glob("*.py")):
+        name = f"meshtrain.{source.stem}"
+        graph[name] = {m for _, m in _imports(source) if m.startswith("meshtrain.")} - {name}
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            assert state.get(nxt) != 1, "import circle: " + " -> ".join([*path, node, nxt])
+            if nxt not in state:
+                visit(nxt, [*path, node])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+
+
 def test_core_modules_load_no_plugin_until_plugins_load():
     code = textwrap.dedent("""
         import sys
@@ -207,8 +261,14 @@ class Source:
 class Schedule:
     stages_per_rank = 1
 
-    def validate(self, *, pp, grad_acc):
+    def placement(self, pp_rank, pp):
+        return [pp_rank]
+
+    def validate(self, *, pp, grad_acc, num_layers):
         return []
+
+    def in_flight(self, pp_rank, pp, grad_acc):
+        return grad_acc
 
     def build(self, stages, n_microbatches, loss_fn):
         raise NotImplementedError
@@ -271,3 +331,42 @@ def test_third_party_names_can_be_selected(third_party, tmp_path):
     bad = run_cli(["check", str(path), "--set", "data.repeat=true"], third_party)
     assert bad.returncode == 2
     assert bad.stderr == f"error: {path}: data.repeat: expected an integer, got True\n"
+
+
+@pytest.mark.dist
+def test_third_party_family_trains_at_pp2_tp2_like_one_process(tmp_path, monkeypatch):
+    """A model family written in plain torch against `meshtrain.api` alone, installed as a
+    dist-info outside the repository, trains at pp2 tp2 (FSDP units, activation checkpointing,
+    vocab-parallel embedding) with the single-process losses."""
+    from tests.spawn import run_world
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "tinymlp_family.py").write_text(
+        (ROOT / "tests/thirdparty/tinymlp_family.py").read_text()
+    )
+    info = site / "tinymlp-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: tinymlp\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[meshtrain]\ntinymlp = tinymlp_family\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]))
+    config = tmp_path / "tiny.toml"
+    config.write_text(
+        '[model]\nfamily = "tinymlp"\nhidden = 32\nwidth = 64\nlayers = 4\n\n'
+        "[train]\nsteps = 4\ngrad_acc = 2\nmicro_batch_size = 2\nseq_len = 32\nlr = 1e-2\n"
+        'activation_checkpointing = "full"\n\n[checkpoint]\nresume = "never"\n'
+    )
+    runs = {1: [], 4: ["parallel.pp=2", "parallel.tp=2"]}
+    losses = {
+        world: [
+            m["loss"]
+            for m in run_world(
+                world, [(str(config), [*extra, f'run.dir="{tmp_path / str(world)}"'])], tmp_path
+            )[0]
+        ]
+        for world, extra in runs.items()
+    }
+    assert losses[1][-1] < losses[1][0]
+    for one, four in zip(losses[1], losses[4], strict=True):
+        assert abs(one - four) <= 1e-5 * abs(one), losses

@@ -1,63 +1,96 @@
-"""Built-in pipeline schedules, from `torch.distributed.pipelining`.
+"""Built-in pipeline schedules: every schedule `torch.distributed.pipelining` ships.
 
-[pipeline]
-schedule = "1f1b"   # or "gpipe", "interleaved_1f1b"
+    [pipeline]
+    schedule = "1f1b"   # gpipe, 1f1b, interleaved_1f1b, looped_bfs, interleaved_zb, zbv, dualpipev
+
+Each says where its stages sit (loop: rank p holds p, p + pp, ...; V: p and 2*pp - 1 - p, so the
+embedding and the head share rank 0), what it needs of parallel.pp and train.grad_acc, and how many
+micro-batches a rank keeps in flight (for `meshtrain check`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from torch.distributed.pipelining import (
-    Schedule1F1B,
-    ScheduleGPipe,
-    ScheduleInterleaved1F1B,
-)
+from meshtrain.api import hookimpl
 
-from meshtrain import hookimpl
+__version__ = "0.1.0"
 
 
 @dataclass(frozen=True)
 class TorchSchedule:
-    """A torch schedule class with the degree rules it needs."""
+    """A torch schedule class (by name, imported when built) with its placement and rules."""
 
-    schedule_class: type
+    class_name: str
     stages_per_rank: int = 1
-    needs_grad_acc_ge_pp: bool = False
+    style: str = "loop"
+    """"loop" or "v"."""
+    min_grad_acc: str = ""
+    """"", "pp" or "stages": grad_acc must be at least that many micro-batches."""
+    rounds: bool = False
+    """Interleaved: grad_acc must be a multiple of pp once it exceeds it (whole rounds)."""
+    keeps_all: bool = False
+    """Every micro-batch's activations stay until backward (GPipe, looped BFS)."""
 
-    def validate(self, *, pp: int, grad_acc: int) -> list[str]:
+    def placement(self, pp_rank: int, pp: int) -> list[int]:
+        if self.style == "v":
+            return [pp_rank, 2 * pp - 1 - pp_rank]
+        return [pp_rank + k * pp for k in range(self.stages_per_rank)]
+
+    def validate(self, *, pp: int, grad_acc: int, num_layers: int) -> list[str]:
         problems = []
-        if self.needs_grad_acc_ge_pp and grad_acc < pp:
+        need = {"": 1, "pp": pp, "stages": pp * self.stages_per_rank}[self.min_grad_acc]
+        if grad_acc < need:
+            what = "parallel.pp" if self.min_grad_acc == "pp" else "the stages (2 x parallel.pp)"
             problems.append(
-                f"train.grad_acc: {grad_acc} micro-batches is fewer than parallel.pp "
-                f"({pp}); this schedule needs grad_acc >= pp"
+                f"train.grad_acc: {grad_acc} micro-batches is fewer than {what} ({need}); "
+                f"pipeline.schedule {self.class_name} needs grad_acc >= {need}"
             )
-        if self.stages_per_rank > 1 and pp > 1 and grad_acc % pp:
+        if self.rounds and pp > 1 and grad_acc >= pp and grad_acc % pp:
             problems.append(
-                f"train.grad_acc: {grad_acc} must be a multiple of parallel.pp "
-                f"({pp}) for an interleaved schedule"
+                f"train.grad_acc: {grad_acc} must be a multiple of parallel.pp ({pp}) for "
+                f"the interleaved schedule {self.class_name}"
             )
         return problems
 
-    def build(self, stages: list[Any], n_microbatches: int, loss_fn: Callable) -> Any:
-        # scale_grads=False: meshtrain's loss is already divided by the global token count.
+    def in_flight(self, pp_rank: int, pp: int, grad_acc: int) -> int:
+        """Most micro-batches whose activations a rank keeps at once (an upper estimate)."""
+        if self.keeps_all:
+            return grad_acc
+        warmup = (self.stages_per_rank - 1) * pp + 2 * (pp - 1 - pp_rank) + 1
         if self.stages_per_rank == 1:
-            return self.schedule_class(
-                stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False
-            )
-        return self.schedule_class(
-            stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False
-        )
+            warmup = pp - pp_rank
+        return min(grad_acc, math.ceil(warmup / self.stages_per_rank) + self.stages_per_rank - 1)
+
+    def build(self, stages: list[Any], n_microbatches: int, loss_fn: Callable) -> Any:
+        from torch.distributed.pipelining import schedules
+
+        cls = getattr(schedules, self.class_name)
+        # scale_grads=False: meshtrain's loss is already divided by the global token count.
+        first = stages[0] if self.stages_per_rank == 1 else stages
+        return cls(first, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
+
+
+SCHEDULES = {
+    "gpipe": TorchSchedule("ScheduleGPipe", keeps_all=True),
+    "1f1b": TorchSchedule("Schedule1F1B", min_grad_acc="pp"),
+    "interleaved_1f1b": TorchSchedule(
+        "ScheduleInterleaved1F1B", stages_per_rank=2, min_grad_acc="pp", rounds=True
+    ),
+    "looped_bfs": TorchSchedule("ScheduleLoopedBFS", stages_per_rank=2, keeps_all=True),
+    "interleaved_zb": TorchSchedule(
+        "ScheduleInterleavedZeroBubble", stages_per_rank=2, min_grad_acc="pp", rounds=True
+    ),
+    "zbv": TorchSchedule("ScheduleZBVZeroBubble", stages_per_rank=2, style="v", min_grad_acc="pp"),
+    "dualpipev": TorchSchedule(
+        "ScheduleDualPipeV", stages_per_rank=2, style="v", min_grad_acc="stages"
+    ),
+}
 
 
 @hookimpl
 def pipeline_schedules() -> dict[str, TorchSchedule]:
-    return {
-        "gpipe": TorchSchedule(ScheduleGPipe),
-        "1f1b": TorchSchedule(Schedule1F1B, needs_grad_acc_ge_pp=True),
-        "interleaved_1f1b": TorchSchedule(
-            ScheduleInterleaved1F1B, stages_per_rank=2, needs_grad_acc_ge_pp=True
-        ),
-    }
+    return dict(SCHEDULES)

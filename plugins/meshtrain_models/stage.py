@@ -1,4 +1,4 @@
-"""One pipeline stage of a Hugging Face LlamaForCausalLM, keeping Hugging Face parameter names.
+"""One pipeline stage of a Hugging Face decoder (LLaMA layout), keeping Hugging Face names.
 
 A stage holds a slice of decoder layers (`model.layers.<i>`), the embedding if it is first and the
 final norm + head if it is last. Every stage computes the rotary embeddings itself, so only hidden
@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM
 
 
-class LlamaStage(nn.Module):
-    def __init__(self, model: LlamaForCausalLM, layers: range, *, first: bool, last: bool):
+class DecoderStage(nn.Module):
+    def __init__(
+        self, model: nn.Module, layers: range, *, first: bool, last: bool, sequence_shards: int
+    ):
         super().__init__()
         self.config = model.config
         self.model = nn.Module()  # named "model" so parameter names match Hugging Face's
@@ -26,11 +27,10 @@ class LlamaStage(nn.Module):
             self.lm_head = model.lm_head
         self.model.rotary_emb = model.model.rotary_emb
         self.first, self.last = first, last
-        # Set by the core when sequence parallel shards the sequence over tp between layers.
-        self.sequence_shards = 1
+        self.sequence_shards = sequence_shards
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Token ids (B, T) are whole; hidden states (B, T, C) arrive as sequence shards under SP.
+        # Token ids (B, T) are whole; hidden states (B, T / shards, C) are sequence shards.
         seq_len = x.shape[1] if self.first else x.shape[1] * self.sequence_shards
         h = self.model.embed_tokens(x) if self.first else x  # (B, T, C)
         positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T)

@@ -1,0 +1,88 @@
+"""Apply a family's StagePlans: tensor parallel -> activation checkpointing -> weights -> FSDP2.
+
+    parallelize(stages, plans, mesh, config, fill=load_weights)
+
+The one place where the core changes the model for parallelism. Tensor parallel is applied on the
+meta device (nothing full-sized is ever allocated); `fill` then gives the stages memory and their
+weights; FSDP2 comes last, because it swaps the Parameter objects and shards over dp.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor.parallel import parallelize_module
+from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+from meshtrain.config import Config
+from meshtrain.contracts import StagePlan
+
+SAVED_OPS = {  # "selective": keep the outputs of these ops, recompute the cheap rest
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+}
+
+
+def parallelize(
+    stages: list[nn.Module],
+    plans: list[StagePlan],
+    tp_mesh: DeviceMesh,
+    dp_mesh: DeviceMesh,
+    config: Config,
+    fill: Callable[[list[nn.Module]], None],
+) -> None:
+    """Shard `stages` (meta modules) in place; `fill` materialises them after tensor parallel."""
+    mode = config.train.activation_checkpointing
+    for stage, plan in zip(stages, plans, strict=True):
+        if tp_mesh.size() > 1 and plan.tp:
+            parallelize_module(stage, tp_mesh, dict(plan.tp))
+        if mode != "none":
+            for path in plan.ac_units:
+                apply_checkpointing(stage.get_submodule(path), selective=mode == "selective")
+    fill(stages)
+    if config.parallel.fsdp:
+        for stage, plan in zip(stages, plans, strict=True):
+            apply_fsdp(stage, plan, dp_mesh, config)
+
+
+def apply_checkpointing(module: nn.Module, *, selective: bool) -> None:
+    """Recompute `module`'s forward in backward. Its forward is wrapped in place (not the module),
+    so parameter names stay those of the checkpoint."""
+    context = partial(create_selective_checkpoint_contexts, _policy) if selective else None
+    extra = {"context_fn": context} if context else {}
+    module.forward = partial(checkpoint, module.forward, use_reentrant=False, **extra)
+
+
+def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_fsdp(stage: nn.Module, plan: StagePlan, dp_mesh: DeviceMesh, config: Config) -> None:
+    """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest)."""
+    policy = mixed_precision(config.train.precision)
+    reshard = config.parallel.reshard_after_forward != "never"
+    for path in plan.fsdp_units:
+        fully_shard(
+            stage.get_submodule(path), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard
+        )
+    # The root: None lets FSDP2 keep it gathered after forward, since backward starts with it.
+    fully_shard(stage, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=None)
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """bf16: gather and compute in bf16, reduce gradients and keep master weights in fp32."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()

@@ -1,0 +1,129 @@
+"""A model family over a Hugging Face decoder class with the LLaMA layout (Llama, Qwen3, ...).
+
+One `DecoderFamily` per architecture, configured by a `Spec`: the transformers config and model
+classes, the `model_type`s it accepts and what its blocks hold beyond LLaMA's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from meshtrain.api import ModelShape, StagePlan
+from meshtrain_models.options import parse_model_config
+from meshtrain_models.plan import build_plan
+from meshtrain_models.stage import DecoderStage
+
+
+@dataclass(frozen=True)
+class Spec:
+    config_class: type
+    model_class: type
+    model_types: tuple[str, ...]
+    head_norms: bool = False
+    """q_norm / k_norm over each head (Qwen3)."""
+
+
+class DecoderFamily:
+    """`ModelFamily` (see meshtrain.contracts) for one transformers decoder class."""
+
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.model_types = spec.model_types
+
+    def parse_config(
+        self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
+    ) -> tuple[Any, list[str]]:
+        return parse_model_config(
+            self.spec.config_class,
+            self.model_types,
+            options,
+            name=name,
+            trust_remote_code=trust_remote_code,
+            where=where,
+        )
+
+    def shape(self, c: Any) -> ModelShape:
+        head_dim = head_dim_of(c)
+        q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+        block = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
+        # Kept for backward per token: the residual around both norms (4 x hidden); q, k, v,
+        # the attention output, gate, up, silu(gate), silu(gate) * up (+ normed q, k).
+        split = 2 * q + 2 * kv + 4 * c.intermediate_size + (q + kv) * self.spec.head_norms
+        return ModelShape(
+            num_layers=c.num_hidden_layers,
+            hidden_size=c.hidden_size,
+            num_heads=c.num_attention_heads,
+            num_kv_heads=c.num_key_value_heads,
+            head_dim=head_dim,
+            vocab_size=c.vocab_size,
+            max_positions=c.max_position_embeddings,
+            tied_embeddings=bool(c.tie_word_embeddings),
+            tp_divisible={
+                "model.num_attention_heads": c.num_attention_heads,
+                "model.num_key_value_heads": c.num_key_value_heads,
+                "model.vocab_size": c.vocab_size,
+                "model.intermediate_size": c.intermediate_size,
+            },
+            activations_replicated=4 * c.hidden_size,
+            activations_split=split,
+            matmul_params=c.num_hidden_layers * block + c.hidden_size * c.vocab_size,
+        )
+
+    def build(self, model_config: Any) -> nn.Module:
+        return self.spec.model_class(model_config)
+
+    def split(
+        self, model: nn.Module, layers: range, *, first: bool, last: bool, sequence_shards: int
+    ) -> nn.Module:
+        return DecoderStage(model, layers, first=first, last=last, sequence_shards=sequence_shards)
+
+    def plan(self, stage: nn.Module, *, sequence_parallel: bool) -> StagePlan:
+        return build_plan(
+            stage, sequence_parallel=sequence_parallel, head_norms=self.spec.head_norms
+        )
+
+    def init_parameter(
+        self, name: str, shape: torch.Size, model_config: Any, generator: torch.Generator
+    ) -> torch.Tensor:
+        # Hugging Face's init for these models: N(0, initializer_range) for linears and the
+        # embedding, ones for the RMSNorm weights, zero biases and padding row.
+        if name.endswith("norm.weight"):
+            return torch.ones(shape)
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        value = torch.empty(shape).normal_(0.0, model_config.initializer_range, generator=generator)
+        if name == "model.embed_tokens.weight" and model_config.pad_token_id is not None:
+            value[model_config.pad_token_id] = 0
+        return value
+
+    def init_buffers(self, stage: nn.Module) -> None:
+        # After to_empty() the rotary inv_freq buffer holds garbage: recompute it.
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rotary = stage.model.rotary_emb
+        init = (
+            rotary.compute_default_rope_parameters
+            if rotary.rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[rotary.rope_type]
+        )
+        inv_freq, rotary.attention_scaling = init(stage.config)
+        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+        rotary.original_inv_freq = rotary.inv_freq.clone()
+
+    def tied_parameters(self, model_config: Any) -> list[tuple[str, str]]:
+        if model_config.tie_word_embeddings:
+            return [("model.embed_tokens.weight", "lm_head.weight")]
+        return []
+
+    def export(self, model: nn.Module, folder: Path, max_shard_size: str) -> None:
+        model.save_pretrained(str(folder), max_shard_size=max_shard_size)
+
+
+def head_dim_of(c: Any) -> int:
+    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

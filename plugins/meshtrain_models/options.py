@@ -1,0 +1,118 @@
+"""`[model]` keys -> a transformers config: every key checked, every problem named at once."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from meshtrain.api import hub_problem, suggest
+
+SKIPPED = {
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "model_type",
+    "id2label",
+    "label2id",
+}
+HINT = (
+    "download it where the hub is reachable and set model.name to its folder, or write the "
+    "architecture inline (hidden_size = ..., as configs/smollm_cpu.toml does)"
+)
+
+
+def parse_model_config(
+    config_class: type,
+    model_types: tuple[str, ...],
+    options: Mapping[str, Any],
+    *,
+    name: str | None,
+    trust_remote_code: bool,
+    where: str,
+) -> tuple[Any, list[str]]:
+    """The config from `name`'s config.json (if any) with `options` on top; or the problems."""
+    defaults = config_class().to_dict()
+    keys = sorted(set(defaults) - SKIPPED | {"rope_theta"})
+    section = where.rsplit(": ", 1)[-1]
+    problems = [
+        f"{where}.{key}: unknown key" + suggest(key, keys).replace("mean ", f"mean {section}.")
+        for key in options
+        if key not in keys
+    ]
+    problems += [
+        line
+        for key, value in options.items()
+        if key in defaults
+        for line in [_type_problem(where, key, value, defaults[key])]
+        if line
+    ]
+    base: dict[str, Any] = {}
+    if name:
+        base, problem = _read_named_config(name, where, model_types, keys)
+        problems += [problem] if problem else []
+    if problems:
+        return None, problems
+    if "num_hidden_layers" in options:
+        base.pop("layer_types", None)  # sized for the original depth; derived again
+    merged = {**base, **options}
+    heads, hidden = merged.get("num_attention_heads"), merged.get("hidden_size")
+    if "head_dim" not in merged and heads and hidden and hidden % heads:
+        return None, [
+            f"{where}.hidden_size: {hidden} is not divisible by "
+            f"{section}.num_attention_heads ({heads})"
+        ]
+    try:
+        config = config_class(**merged)
+    except (ValueError, TypeError) as err:
+        return None, [f"{where}: the model config is invalid: {str(err).splitlines()[0]}"]
+    config._attn_implementation = "sdpa"  # causal without a mask; eager would not be
+    return config, []
+
+
+def _type_problem(where: str, key: str, value: Any, default: Any) -> str:
+    if isinstance(default, bool) and not isinstance(value, bool):
+        return f"{where}.{key}: expected a boolean, got {value!r}"
+    if (
+        isinstance(default, int)
+        and not isinstance(default, bool)
+        and (isinstance(value, bool) or not isinstance(value, int))
+    ):
+        return f"{where}.{key}: expected an integer, got {value!r}"
+    if isinstance(default, float) and (
+        isinstance(value, bool) or not isinstance(value, int | float)
+    ):
+        return f"{where}.{key}: expected a number, got {value!r}"
+    if isinstance(value, int) and not isinstance(value, bool) and value < 0:
+        return f"{where}.{key}: {value!r} is out of range (must be >= 0)"
+    return ""
+
+
+def _read_named_config(
+    name: str, where: str, model_types: tuple[str, ...], keys: list[str]
+) -> tuple[dict, str]:
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        path = folder / "config.json"
+        if not path.is_file():
+            return {}, f"{where}.name: folder {name} has no config.json"
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            return {}, f"{where}.name: {path} is not valid JSON ({str(err).splitlines()[0]})"
+    else:
+        problem = hub_problem(name, f"{where}.name", HINT)
+        if problem:
+            return {}, problem
+        from transformers import AutoConfig
+
+        values = AutoConfig.from_pretrained(name).to_dict()
+    if not isinstance(values, dict):
+        return {}, f"{where}.name: {name}: config.json does not hold a JSON object"
+    kind = values.get("model_type")
+    if kind not in model_types:
+        return {}, (
+            f"{where}.name: {name} is a {kind!r} model; this family trains {', '.join(model_types)}"
+        )
+    return {k: v for k, v in values.items() if k in keys or k == "rope_parameters"}, ""
