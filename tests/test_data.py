@@ -21,9 +21,14 @@ import torch  # noqa: E402
 from meshtrain_data.stream import PackedStream  # noqa: E402
 from meshtrain_data.synthetic import SyntheticStream  # noqa: E402
 
-from meshtrain.config import parse_section  # noqa: E402
-from meshtrain.contracts import DataContext, DataSource  # noqa: E402
-from meshtrain.errors import UserError  # noqa: E402
+from meshtrain.api import (  # noqa: E402
+    IGNORE_INDEX,
+    Batch,
+    DataContext,
+    DataSource,
+    UserError,
+    parse_section,
+)
 
 
 def make_ctx(tmp: Path, **kw) -> DataContext:
@@ -41,10 +46,19 @@ def make_ctx(tmp: Path, **kw) -> DataContext:
     return DataContext(**{**base, **kw})
 
 
-def global_batches(make_stream, ctx: DataContext, steps: int) -> list[torch.Tensor]:
+def cat(batches: list[Batch]) -> Batch:
+    """Row-wise concatenation, field by field (dp ranks' rows -> the global batch)."""
+    return Batch(*(torch.cat(part) for part in zip(*batches, strict=True)))
+
+
+def same(a: Batch, b: Batch) -> bool:
+    return torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+
+
+def global_batches(make_stream, ctx: DataContext, steps: int) -> list[Batch]:
     """Concatenate every dp rank's rows of each step into the global batch."""
     streams = [make_stream(dataclasses.replace(ctx, dp_rank=r)) for r in range(ctx.dp)]
-    return [torch.cat([s.next_batch() for s in streams]) for _ in range(steps)]
+    return [cat([s.next_batch() for s in streams]) for _ in range(steps)]
 
 
 TOKENS = np.arange(8 * 13 + 5, dtype=np.uint16)  # 13 windows of 9 tokens and a short tail
@@ -69,24 +83,34 @@ def test_dp_slices_concatenate_to_the_dp1_batch(tmp_path):
     one = global_batches(packed, make_ctx(tmp_path, micro_batch_size=4, dp=1), steps=9)
     two = global_batches(packed, make_ctx(tmp_path, micro_batch_size=2, dp=2), steps=9)
     for a, b in zip(one, two, strict=True):
-        assert a.shape == (8, 9) and a.dtype == torch.long
-        assert torch.equal(a, b)
+        assert isinstance(a, Batch)
+        assert a.inputs.shape == a.labels.shape == (8, 8)
+        assert a.inputs.dtype == a.labels.dtype == torch.long
+        assert same(a, b)
 
 
 def test_micro_batch_and_grad_acc_regrouping_keeps_the_global_batch(tmp_path):
     wide = global_batches(packed, make_ctx(tmp_path, micro_batch_size=4, grad_acc=1), steps=7)
     deep = global_batches(packed, make_ctx(tmp_path, micro_batch_size=1, grad_acc=4), steps=7)
-    assert all(torch.equal(a, b) for a, b in zip(wide, deep, strict=True))
+    assert all(same(a, b) for a, b in zip(wide, deep, strict=True))
 
 
 def test_windows_overlap_by_one_token_and_drop_the_short_tail(tmp_path):
     stream = PackedStream(
         TOKENS, make_ctx(tmp_path, micro_batch_size=13, grad_acc=1), shuffle=False
     )
-    batch = stream.next_batch()
-    assert torch.equal(batch[:, 0], torch.arange(13) * 8)
-    assert torch.equal(batch[:-1, -1], batch[1:, 0])
-    assert int(batch.max()) == 8 * 13  # tokens after the last full window are never used
+    inputs, labels = stream.next_batch()
+    assert torch.equal(inputs[:, 0], torch.arange(13) * 8)
+    assert torch.equal(labels[:-1, -1], inputs[1:, 0])
+    assert int(labels.max()) == 8 * 13  # tokens after the last full window are never used
+
+
+def test_packed_labels_are_the_inputs_shifted_by_one(tmp_path):
+    """Row r's window is inputs[r] plus one token; labels are that window less its first."""
+    for inputs, labels in global_batches(packed, make_ctx(tmp_path, dp=2), steps=5):
+        assert torch.equal(labels[:, :-1], inputs[:, 1:])
+        assert torch.equal(inputs, labels - 1)  # TOKENS counts up by one inside a window
+        assert int(inputs.min()) >= 0 and not (labels == IGNORE_INDEX).any()
 
 
 def test_resume_continues_with_exactly_the_next_batch(tmp_path):
@@ -99,13 +123,15 @@ def test_resume_continues_with_exactly_the_next_batch(tmp_path):
     second = packed(ctx)
     second.load_state_dict(state)
     for _ in range(4):
-        assert torch.equal(first.next_batch(), second.next_batch())
+        assert same(first.next_batch(), second.next_batch())
 
 
 def test_epoch_rollover_reshuffles_and_logs(tmp_path, caplog):
     stream = packed(make_ctx(tmp_path, micro_batch_size=1, grad_acc=1))
     with caplog.at_level(logging.INFO, logger="meshtrain.data"):
-        epochs = [[stream.next_batch()[0, 0].item() // 8 for _ in range(13)] for _ in range(3)]
+        epochs = [
+            [stream.next_batch().inputs[0, 0].item() // 8 for _ in range(13)] for _ in range(3)
+        ]
     assert all(sorted(e) == list(range(13)) for e in epochs)  # each epoch sees every window once
     assert epochs[0] != epochs[1]
     assert "epoch 1 begins" in caplog.text and "epoch 2 begins" in caplog.text
@@ -116,16 +142,61 @@ def test_synthetic_is_seeded_layout_free_and_resumable(tmp_path):
     ctx = make_ctx(tmp_path, vocab_size=50, micro_batch_size=4, grad_acc=1)
     one = global_batches(SyntheticStream, ctx, steps=3)
     two = global_batches(SyntheticStream, dataclasses.replace(ctx, dp=2, micro_batch_size=2), 3)
-    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
-    assert int(torch.cat(one).max()) < 50 and not torch.equal(one[0], one[1])
+    assert all(same(a, b) for a, b in zip(one, two, strict=True))
+    assert torch.equal(one[0].labels[:, :-1], one[0].inputs[:, 1:])
+    assert int(one[0].labels.min()) >= 0 and int(cat(one).labels.max()) < 50
+    assert not same(one[0], one[1])
     stream = SyntheticStream(ctx)
     stream.next_batch()
     resumed = SyntheticStream(ctx)
     resumed.load_state_dict(stream.state_dict())
-    assert torch.equal(resumed.next_batch(), one[1])
+    assert same(resumed.next_batch(), one[1])
     source = meshtrain_data.data_sources()["synthetic"]
     source.prepare({}, ctx)
-    assert torch.equal(source.open({}, ctx).next_batch(), one[0])
+    assert same(source.open({}, ctx).next_batch(), one[0])
+
+
+def test_synthetic_masked_share_masks_labels_alike_in_every_layout(tmp_path):
+    source, options = meshtrain_data.data_sources()["synthetic"], {"masked_share": 0.25}
+    ctx = make_ctx(tmp_path, seq_len=32, vocab_size=50, micro_batch_size=4, grad_acc=1)
+    source.prepare(options, ctx)
+    one = global_batches(lambda c: source.open(options, c), ctx, steps=3)
+    dp2 = dataclasses.replace(ctx, dp=2, micro_batch_size=2)
+    two = global_batches(lambda c: source.open(options, c), dp2, steps=3)
+    assert all(same(a, b) for a, b in zip(one, two, strict=True))
+    unmasked = global_batches(SyntheticStream, ctx, steps=3)
+    for batch, plain in zip(one, unmasked, strict=True):
+        hidden = batch.labels == IGNORE_INDEX
+        assert hidden.any() and int(batch.inputs.min()) >= 0
+        assert torch.equal(batch.inputs, plain.inputs)  # masking draws after the tokens
+        assert torch.equal(batch.labels[~hidden], plain.labels[~hidden])
+    share = (cat(one).labels == IGNORE_INDEX).float().mean().item()
+    assert 0.15 < share < 0.35, share
+    stream = source.open(options, dataclasses.replace(dp2, dp_rank=1))
+    stream.next_batch()
+    resumed = source.open(options, dataclasses.replace(dp2, dp_rank=1))
+    resumed.load_state_dict(stream.state_dict())
+    assert same(resumed.next_batch(), stream.next_batch())
+
+
+def test_synthetic_masking_keeps_one_label_per_row(tmp_path):
+    ctx = make_ctx(tmp_path, seq_len=2, micro_batch_size=64, grad_acc=1)
+    labels = SyntheticStream(ctx, masked_share=0.99).next_batch().labels
+    assert ((labels != IGNORE_INDEX).sum(dim=1) >= 1).all()
+
+
+@pytest.mark.parametrize(
+    ("value", "bound"), [(1.0, "must be < 1"), (1.5, "must be < 1"), (-0.1, "must be >= 0")]
+)
+def test_masked_share_out_of_range_is_one_line_naming_the_key(tmp_path, value, bound):
+    source = meshtrain_data.data_sources()["synthetic"]
+    with pytest.raises(UserError) as info:
+        source.prepare({"masked_share": value}, make_ctx(tmp_path))
+    assert str(info.value) == f"data.masked_share: {value!r} is out of range ({bound})"
+    parsed, problems = parse_section(source.config_class, {"masked_share": value}, "data")
+    if not problems:  # the core's parse_section has no upper bound: prepare still refuses
+        with pytest.raises(UserError, match=r"^data\.masked_share: .*must be < 1\)$"):
+            source.prepare(parsed, make_ctx(tmp_path))
 
 
 @pytest.fixture(scope="module")
@@ -146,9 +217,10 @@ def test_offline_default_writes_a_loadable_tokenizer_within_the_model_vocab(offl
     assert len(tokenizer) <= ctx.vocab_size
     assert tokenizer.eos_token == "<|endoftext|>"
     assert {"<|im_start|>", "<|im_end|>"} <= set(tokenizer.get_vocab())
-    batch = meshtrain_data.data_sources()["offline"].open({}, ctx).next_batch()
-    assert batch.shape == (8, 65) and int(batch.max()) < len(tokenizer)
-    text = tokenizer.decode(batch[0])
+    inputs, labels = meshtrain_data.data_sources()["offline"].open({}, ctx).next_batch()
+    assert inputs.shape == labels.shape == (8, 64) and int(labels.max()) < len(tokenizer)
+    assert torch.equal(labels[:, :-1], inputs[:, 1:]) and int(inputs.min()) >= 0
+    text = tokenizer.decode(inputs[0])
     assert tokenizer(text, add_special_tokens=False)["input_ids"]  # real text round-trips
     assert seconds < 45, f"cold offline prepare took {seconds:.1f} s"
 
@@ -178,9 +250,9 @@ def test_loss_falls_on_the_offline_corpus(offline_run):
     optim = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
-        batch = stream.next_batch()
-        logits = model(batch[:, :-1])  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        inputs, labels = stream.next_batch()
+        logits = model(inputs)  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
         optim.zero_grad()
         loss.backward()
         optim.step()

@@ -19,8 +19,7 @@ import torch  # noqa: E402
 from meshtrain_data.hf import HFSource  # noqa: E402
 from meshtrain_data.tokenizer import train_byte_level_bpe  # noqa: E402
 
-from meshtrain.contracts import DataContext  # noqa: E402
-from meshtrain.errors import UserError  # noqa: E402
+from meshtrain.api import Batch, DataContext, UserError  # noqa: E402
 
 DOCS = [
     f"Document {i}: the quick brown fox jumps over {i} lazy dogs. " * (1 + i % 3) for i in range(40)
@@ -48,6 +47,15 @@ def make_ctx(tmp: Path, **kw) -> DataContext:
         cache_dir=tmp / "cache",
     )
     return DataContext(**{**base, **kw})
+
+
+def cat(batches: list[Batch]) -> Batch:
+    """Row-wise concatenation, field by field (dp ranks' rows -> the global batch)."""
+    return Batch(*(torch.cat(part) for part in zip(*batches, strict=True)))
+
+
+def same(a: Batch, b: Batch) -> bool:
+    return torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
 
 
 def write_jsonl(path: Path, docs: list[str], column: str = "text") -> Path:
@@ -84,11 +92,13 @@ def test_local_formats_pack_windows_of_seq_len_plus_one(tmp_path, tokenizer_dir,
     path, column = write_dataset(tmp_path, kind)
     options = {"dataset": str(path), "text_column": column, "tokenizer": str(tokenizer_dir)}
     source, ctx, _ = prepare_and_open(tmp_path, options)
-    batch = source.open(options, ctx).next_batch()
-    assert batch.shape == (4, 17) and batch.dtype == torch.long
+    inputs, labels = source.open(options, ctx).next_batch()
+    assert inputs.shape == labels.shape == (4, 16)
+    assert inputs.dtype == labels.dtype == torch.long
+    assert torch.equal(labels[:, :-1], inputs[:, 1:]) and int(inputs.min()) >= 0
     saved = AutoTokenizer.from_pretrained(ctx.run_dir / "tokenizer")
-    assert len(saved) == 300 and int(batch.max()) < 300
-    assert "lazy dogs" in saved.decode(torch.cat(list(batch)))
+    assert len(saved) == 300 and int(labels.max()) < 300
+    assert "lazy dogs" in saved.decode(torch.cat(list(inputs)))
 
 
 def test_glob_dp_slices_and_resume_through_the_source(tmp_path, tokenizer_dir):
@@ -102,10 +112,10 @@ def test_glob_dp_slices_and_resume_through_the_source(tmp_path, tokenizer_dir):
         for r in range(2)
     ]
     for _ in range(30):  # well past one epoch of this small corpus
-        assert torch.equal(whole.next_batch(), torch.cat([h.next_batch() for h in halves]))
+        assert same(whole.next_batch(), cat([h.next_batch() for h in halves]))
     resumed = source.open(options, ctx)
     resumed.load_state_dict(json.loads(json.dumps(whole.state_dict())))
-    assert torch.equal(resumed.next_batch(), whole.next_batch())
+    assert same(resumed.next_batch(), whole.next_batch())
 
 
 def test_second_prepare_reuses_the_token_cache(tmp_path, tokenizer_dir, monkeypatch):
@@ -119,7 +129,7 @@ def test_second_prepare_reuses_the_token_cache(tmp_path, tokenizer_dir, monkeypa
 
     monkeypatch.setattr(meshtrain_data.packing, "encode_documents", must_not_tokenize)
     source.prepare(options, ctx)
-    assert torch.equal(source.open(options, ctx).next_batch(), first)
+    assert same(source.open(options, ctx).next_batch(), first)
     assert len(list((ctx.cache_dir / "tokens").iterdir())) == 1
 
 
@@ -135,10 +145,14 @@ def test_streaming_matches_the_packed_order_and_resumes(tmp_path, tokenizer_dir)
         for r in range(2)
     ]
     for _ in range(3):
-        assert torch.equal(packed.next_batch(), torch.cat([s.next_batch() for s in streams]))
+        batch = cat([s.next_batch() for s in streams])
+        assert same(packed.next_batch(), batch)
+        assert batch.inputs.shape == (4, 16) and torch.equal(
+            batch.labels[:, :-1], batch.inputs[:, 1:]
+        )
     resumed = source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=1, grad_acc=1))
     resumed.load_state_dict(streams[1].state_dict())
-    assert torch.equal(resumed.next_batch(), streams[1].next_batch())
+    assert same(resumed.next_batch(), streams[1].next_batch())
 
 
 def error_of(tmp: Path, options: dict, **ctx_kw) -> str:

@@ -11,8 +11,7 @@ Each source's `prepare` runs once per node before the workers `open` their strea
 
 from __future__ import annotations
 
-from meshtrain import hookimpl
-from meshtrain.contracts import DataSource
+from meshtrain.api import DataSource, hookimpl
 from meshtrain_data.hf import HFSource
 from meshtrain_data.offline import OfflineSource
 from meshtrain_data.synthetic import SyntheticSource

@@ -13,8 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshtrain.errors import UserError
-from meshtrain.hub import hub_offline, looks_like_hub_id, offline_error, require_hub
+from meshtrain.api import UserError, hub_offline, looks_like_hub_id, offline_error, require_hub
 from meshtrain_data.options import HFOptions
 
 KEY = "data.dataset"

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from meshtrain.contracts import DataContext, DataStream
-from meshtrain.errors import UserError
+from meshtrain.api import DataContext, DataStream, UserError
 from meshtrain_data.dataset import DatasetRef, check_column, load_rows, resolve_dataset
 from meshtrain_data.options import HFOptions, as_options
 from meshtrain_data.packing import (

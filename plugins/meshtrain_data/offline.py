@@ -23,8 +23,7 @@ from typing import Any
 
 import tokenizers
 
-from meshtrain.contracts import DataContext, DataStream
-from meshtrain.errors import UserError
+from meshtrain.api import DataContext, DataStream, UserError
 from meshtrain_data.dataset import DatasetRef, load_rows
 from meshtrain_data.options import HFOptions, OfflineOptions, as_options
 from meshtrain_data.packing import (

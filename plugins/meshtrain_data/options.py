@@ -6,23 +6,25 @@
     text_column = "body"
     tokenizer = "HuggingFaceTB/SmolLM2-135M"
 
-The core validates these through `meshtrain.config.parse_section(cls, table, "...: data")`.
+The core validates these through `parse_section(cls, table, "...: data")` (types, choices, `min`);
+`as_options` adds the bounds parse_section does not know (`below`) when a source uses them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
-from meshtrain.config import parse_section
-from meshtrain.errors import ConfigError
+from meshtrain.api import ConfigError, parse_section
 
 T = TypeVar("T")
 
 
-def _opt(default: Any, *, choices: tuple = (), min: float | None = None) -> Any:
-    return field(default=default, metadata={"choices": choices, "min": min})
+def _opt(
+    default: Any, *, choices: tuple = (), min: float | None = None, below: float | None = None
+) -> Any:
+    return field(default=default, metadata={"choices": choices, "min": min, "below": below})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,18 +59,29 @@ class OfflineOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class SyntheticOptions:
-    """No keys: uniform random tokens from train.seed over model.vocab_size."""
+    """Uniform random tokens from train.seed over model.vocab_size."""
+
+    masked_share: float = _opt(0.0, min=0, below=1)
+    """Share of labels set to IGNORE_INDEX, drawn per row from the same per-row generator so every
+    layout masks the same labels; for tests and benchmarks of masked losses."""
 
 
 def as_options(cls: type[T], options: Any) -> T:
-    """`options` as `cls`: instances pass through, tables are checked (tests and direct calls)."""
-    if isinstance(options, cls):
-        return options
+    """`options` as a checked `cls`: tables (tests and direct calls) go through parse_section, and
+    instances (the core's, already parsed) still get the `below` bounds it does not check."""
     if options is None:
-        return cls()
-    if not isinstance(options, Mapping):
+        options = cls()
+    elif isinstance(options, Mapping):
+        options, problems = parse_section(cls, dict(options), "data")
+        if problems:
+            raise ConfigError(problems)
+    elif not isinstance(options, cls):
         raise TypeError(f"meshtrain_data: expected {cls.__name__} or a table, got {options!r}")
-    parsed, problems = parse_section(cls, dict(options), "data")
+    problems = []
+    for item in fields(options):
+        below, value = item.metadata.get("below"), getattr(options, item.name)
+        if below is not None and not value < below:
+            problems.append(f"data.{item.name}: {value!r} is out of range (must be < {below:g})")
     if problems:
         raise ConfigError(problems)
-    return parsed
+    return options

@@ -24,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from meshtrain.contracts import DataContext
-from meshtrain.errors import UserError
+from meshtrain.api import DataContext, UserError
 
 log = logging.getLogger("meshtrain.data")
 FORMAT = "meshtrain-tokens-1"

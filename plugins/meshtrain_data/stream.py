@@ -1,8 +1,9 @@
 """Packed windows -> this dp rank's rows of every global batch; deterministic and resumable.
 
 Window w is tokens[w*S : w*S + S + 1] (S = seq_len): neighbours share one token, so every token
-after the first is a label once per epoch. The tail shorter than S + 1 tokens is dropped (never
-padded), so no row carries -100 labels.
+after the first is a label once per epoch. A row's inputs are its window less the last token, its
+labels the window less the first. The tail shorter than S + 1 tokens is dropped (never padded),
+so no label is IGNORE_INDEX.
 
 Global position p = 0, 1, 2, ... reads window order_e[p % W] of epoch e = p // W, where order_e
 is a permutation drawn from (seed, e) (or 0..W-1 without shuffling). Step t's global batch is
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshtrain.contracts import DataContext
+from meshtrain.api import Batch, DataContext
 
 log = logging.getLogger("meshtrain.data")
 
@@ -40,15 +41,16 @@ class PackedStream:
         self.position = 0  # global windows consumed, over all epochs
         self._orders: dict[int, np.ndarray] = {}
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         start = self.position + self.first_row
         ids = [self._window(p) for p in range(start, start + self.rows)]
-        batch = np.stack(
+        rows = np.stack(
             [self.tokens[w * self.seq_len : w * self.seq_len + self.seq_len + 1] for w in ids]
         )  # (n, S + 1)
         self._log_new_epochs(self.position, self.position + self.global_batch)
         self.position += self.global_batch
-        return torch.from_numpy(batch.astype(np.int64))
+        windows = torch.from_numpy(rows.astype(np.int64))
+        return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())
 
     def _window(self, position: int) -> int:
         epoch, index = divmod(position, self.windows)

@@ -16,8 +16,7 @@ from typing import Any
 
 import torch
 
-from meshtrain.contracts import DataContext
-from meshtrain.errors import UserError
+from meshtrain.api import Batch, DataContext, UserError
 from meshtrain_data.packing import encode_documents
 
 log = logging.getLogger("meshtrain.data")
@@ -58,11 +57,12 @@ class StreamingStream:
             if not produced:
                 raise UserError(f"data.dataset: {self.describe!r} holds no text")
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         lo = self.ctx.dp_rank * self.rows
         window = list(itertools.islice(self._windows, self.ctx.global_batch))
         self.position += self.ctx.global_batch
-        return torch.tensor(window[lo : lo + self.rows], dtype=torch.long)  # (n, S + 1)
+        rows = torch.tensor(window[lo : lo + self.rows], dtype=torch.long)  # (n, S + 1)
+        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "position": self.position}

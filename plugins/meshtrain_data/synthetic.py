@@ -1,7 +1,9 @@
 """`source = "synthetic"`: uniform random tokens for benchmarks; no files, no prepare work.
 
 Row p of the endless stream is drawn from a generator seeded with (train.seed, p), so a rank
-draws only its own rows and every layout sees the same global batches.
+draws only its own rows and every layout sees the same global batches. With data.masked_share,
+the same generator then picks the row's IGNORE_INDEX labels, after its tokens: the tokens do not
+change, and every layout masks the same labels.
 """
 
 from __future__ import annotations
@@ -12,28 +14,37 @@ from typing import Any
 import numpy as np
 import torch
 
-from meshtrain.contracts import DataContext
+from meshtrain.api import IGNORE_INDEX, Batch, DataContext
 from meshtrain_data.options import SyntheticOptions, as_options
 
 
 class SyntheticStream:
-    """A `DataStream` of (n, seq_len + 1) random token ids in [0, model.vocab_size)."""
+    """A `DataStream` of random token ids in [0, model.vocab_size); labels are the next ids,
+    a `masked_share` of them IGNORE_INDEX."""
 
-    def __init__(self, ctx: DataContext):
-        self.ctx = ctx
+    def __init__(self, ctx: DataContext, masked_share: float = 0.0):
+        self.ctx, self.masked_share = ctx, masked_share
         self.rows = ctx.micro_batch_size * ctx.grad_acc
         self.position = 0  # global rows consumed
 
-    def next_batch(self) -> torch.Tensor:
+    def next_batch(self) -> Batch:
         start = self.position + self.ctx.dp_rank * self.rows
-        rows = [
-            np.random.default_rng([self.ctx.seed, p]).integers(
-                0, self.ctx.vocab_size, self.ctx.seq_len + 1
-            )
-            for p in range(start, start + self.rows)
-        ]
+        rows = np.stack([self._row(p) for p in range(start, start + self.rows)])  # (n, 2, S)
         self.position += self.ctx.global_batch
-        return torch.from_numpy(np.stack(rows).astype(np.int64))  # (n, S + 1)
+        rows = torch.from_numpy(rows.astype(np.int64))
+        return Batch(rows[:, 0].contiguous(), rows[:, 1].contiguous())
+
+    def _row(self, p: int) -> np.ndarray:
+        """Global row p as (inputs, labels): seq_len + 1 tokens, then the masked labels."""
+        rng = np.random.default_rng([self.ctx.seed, p])
+        tokens = rng.integers(0, self.ctx.vocab_size, self.ctx.seq_len + 1)
+        pair = np.stack([tokens[:-1], tokens[1:]])  # a copy: masking labels spares the inputs
+        if self.masked_share:
+            masked = rng.random(self.ctx.seq_len) < self.masked_share
+            if masked.all():  # a row keeps at least one label, so its loss is defined
+                masked[rng.integers(self.ctx.seq_len)] = False
+            pair[1, masked] = IGNORE_INDEX
+        return pair
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": 0, "position": self.position}
@@ -51,5 +62,4 @@ class SyntheticSource:
         as_options(SyntheticOptions, options)
 
     def open(self, options: Any, ctx: DataContext) -> SyntheticStream:
-        as_options(SyntheticOptions, options)
-        return SyntheticStream(ctx)
+        return SyntheticStream(ctx, as_options(SyntheticOptions, options).masked_share)

@@ -12,8 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from meshtrain.errors import UserError
-from meshtrain.hub import hub_offline, looks_like_hub_id, offline_error, require_hub
+from meshtrain.api import UserError, hub_offline, looks_like_hub_id, offline_error, require_hub
 
 KEY = "data.tokenizer"
 EOS = "<|endoftext|>"
