@@ -47,9 +47,10 @@ class ParallelSection:
     """Shard parameters, gradients and optimizer state over dp (FSDP2) instead of replicating."""
     sequence_parallel: bool = False
     """Shard norms and residual activations over the sequence on the tp axis."""
-    reshard_after_forward: str = _opt("always", choices=("always", "never"))
-    """FSDP2 blocks after their forward: free the gathered weights (always) and gather again in
-    backward, or keep them until backward (never: less traffic, a stage's weights in memory)."""
+    reshard_after_forward: str = _opt("auto", choices=("auto", "always", "never"))
+    """FSDP2 units after their forward: free the gathered weights and gather again in backward
+    (always), or keep them until backward (never: less traffic, a stage's weights in memory).
+    auto = never for schedules that split backward (zero bubble), else always."""
 
     @property
     def fsdp(self) -> bool:

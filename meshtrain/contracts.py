@@ -120,6 +120,9 @@ class PipelineSchedule(Protocol):
     """A way to run micro-batches through pipeline stages."""
 
     stages_per_rank: int
+    splits_backward: bool
+    """Backward runs as separate input- and weight-gradient passes (zero bubble): FSDP2 must keep
+    the gathered weights from forward until the weight pass."""
 
     def placement(self, pp_rank: int, pp: int) -> list[int]:
         """The stage ids (0 .. pp * stages_per_rank - 1) pipeline rank `pp_rank` holds, in the

@@ -45,6 +45,12 @@ class Job:
         return par.tp if par.sequence_parallel and par.tp > 1 else 1
 
     @property
+    def reshard_after_forward(self) -> bool:
+        """FSDP2 frees gathered weights after forward (see parallel.reshard_after_forward)."""
+        mode = self.config.parallel.reshard_after_forward
+        return mode == "always" or (mode == "auto" and not self.schedule.splits_backward)
+
+    @property
     def device_type(self) -> str:
         device = self.config.run.device
         if device == "auto":
@@ -137,6 +143,17 @@ def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule)
         problems.append(
             f"{p}: train.seq_len: {train.seq_len} exceeds the model's "
             f"{shape.max_positions} positions (model.max_position_embeddings)"
+        )
+    if (
+        schedule.splits_backward
+        and par.pp > 1
+        and par.fsdp
+        and par.reshard_after_forward == "always"
+    ):
+        problems.append(
+            f"{p}: parallel.reshard_after_forward: 'always' cannot be used with "
+            f"pipeline.schedule {config.pipeline.schedule!r}, which splits backward into input "
+            "and weight passes that need the gathered weights; use 'auto' or 'never'"
         )
     if par.sequence_parallel and train.seq_len % par.tp:
         problems.append(

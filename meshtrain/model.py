@@ -73,7 +73,9 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
             hf_keys = {k: v for plan in plans for k, v in plan.hf_keys.items()}
             load_hf_weights(stages, pretrained_folder(cfg.model.name), tied, hf_keys)
 
-    parallelize(stages, plans, mesh.mesh["tp"], mesh.mesh["dp"], cfg, fill)
+    parallelize(
+        stages, plans, mesh.mesh["tp"], mesh.mesh["dp"], cfg, fill, job.reshard_after_forward
+    )
     params, names = _unique_parameters(stages)
     ties = _ties(job, mesh, holders, dict(zip(names, params, strict=True)))
     norm = [

@@ -40,6 +40,7 @@ def parallelize(
     dp_mesh: DeviceMesh,
     config: Config,
     fill: Callable[[list[nn.Module]], None],
+    reshard_after_forward: bool = True,
 ) -> None:
     """Shard `stages` (meta modules) in place; `fill` materialises them after tensor parallel."""
     mode = config.train.activation_checkpointing
@@ -52,7 +53,7 @@ def parallelize(
     fill(stages)
     if config.parallel.fsdp:
         for stage, plan in zip(stages, plans, strict=True):
-            apply_fsdp(stage, plan, dp_mesh, config)
+            apply_fsdp(stage, plan, dp_mesh, config.train.precision, reshard_after_forward)
 
 
 def apply_checkpointing(module: nn.Module, *, selective: bool) -> None:
@@ -69,10 +70,11 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_fsdp(stage: nn.Module, plan: StagePlan, dp_mesh: DeviceMesh, config: Config) -> None:
+def apply_fsdp(
+    stage: nn.Module, plan: StagePlan, dp_mesh: DeviceMesh, precision: str, reshard: bool
+) -> None:
     """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest)."""
-    policy = mixed_precision(config.train.precision)
-    reshard = config.parallel.reshard_after_forward != "never"
+    policy = mixed_precision(precision)
     for path in plan.fsdp_units:
         fully_shard(
             stage.get_submodule(path), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard

@@ -129,6 +129,19 @@ BAD_CONFIGS = {
         ["model.num_hidden_layers: expected an integer, got 2.5"],
     ),
     "missing base": ('base = "nope.toml"\n', ["base: file not found", "nope.toml"]),
+    "V schedule, too few layers": (
+        'BASE\n[parallel]\npp = 4\n[pipeline]\nschedule = "zbv"\n[train]\ngrad_acc = 4\n',
+        ["parallel.pp: 4 ranks x 2 stages per rank = 8 stages exceed the 4 layers"],
+    ),
+    "dualpipev, grad_acc too small": (
+        'BASE\n[parallel]\npp = 2\n[pipeline]\nschedule = "dualpipev"\n',
+        ["train.grad_acc: 2 micro-batches is fewer than the stages (2 x parallel.pp) (4)"],
+    ),
+    "zero bubble with FSDP resharding": (
+        'BASE\n[parallel]\npp = 2\ndp = 2\ndp_shard = true\nreshard_after_forward = "always"\n'
+        '[pipeline]\nschedule = "zbv"\n',
+        ["parallel.reshard_after_forward: 'always' cannot be used with pipeline.schedule 'zbv'"],
+    ),
 }
 
 

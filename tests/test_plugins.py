@@ -41,6 +41,7 @@ class FakeSource:
 
 class FakeSchedule:
     stages_per_rank = 1
+    splits_backward = False
 
     def placement(self, pp_rank, pp):
         return [pp_rank]
@@ -260,6 +261,7 @@ class Source:
 
 class Schedule:
     stages_per_rank = 1
+    splits_backward = False
 
     def placement(self, pp_rank, pp):
         return [pp_rank]

@@ -34,6 +34,8 @@ class TorchSchedule:
     """Interleaved: grad_acc must be a multiple of pp once it exceeds it (whole rounds)."""
     keeps_all: bool = False
     """Every micro-batch's activations stay until backward (GPipe, looped BFS)."""
+    splits_backward: bool = False
+    """Input and weight gradients in separate passes (zero bubble)."""
 
     def placement(self, pp_rank: int, pp: int) -> list[int]:
         if self.style == "v":
@@ -82,11 +84,25 @@ SCHEDULES = {
     ),
     "looped_bfs": TorchSchedule("ScheduleLoopedBFS", stages_per_rank=2, keeps_all=True),
     "interleaved_zb": TorchSchedule(
-        "ScheduleInterleavedZeroBubble", stages_per_rank=2, min_grad_acc="pp", rounds=True
+        "ScheduleInterleavedZeroBubble",
+        stages_per_rank=2,
+        min_grad_acc="pp",
+        rounds=True,
+        splits_backward=True,
     ),
-    "zbv": TorchSchedule("ScheduleZBVZeroBubble", stages_per_rank=2, style="v", min_grad_acc="pp"),
+    "zbv": TorchSchedule(
+        "ScheduleZBVZeroBubble",
+        stages_per_rank=2,
+        style="v",
+        min_grad_acc="pp",
+        splits_backward=True,
+    ),
     "dualpipev": TorchSchedule(
-        "ScheduleDualPipeV", stages_per_rank=2, style="v", min_grad_acc="stages"
+        "ScheduleDualPipeV",
+        stages_per_rank=2,
+        style="v",
+        min_grad_acc="stages",
+        splits_backward=True,
     ),
 }
 
