@@ -29,6 +29,7 @@ import torch
 from meshtrain import checkpoint
 from meshtrain.cli import main
 from meshtrain.config import load_config
+from meshtrain.contracts import IGNORE_INDEX
 from meshtrain.errors import UserError
 from tests.spawn import run_world, worker_pids
 
@@ -153,11 +154,11 @@ def test_export_of_sharded_checkpoint_computes_the_same_loss(runs, tmp_path):
     ctx = dataclasses.replace(data_context(job, 0), micro_batch_size=4, grad_acc=1)
     stream = job.source.open(job.data_options, ctx)
     for _ in range(3):
-        batch = stream.next_batch()  # (4, T + 1): the global batch of step 3
+        inputs, labels = stream.next_batch()  # (4, T) each: the global batch of step 3
     with torch.no_grad():
-        logits = model(batch[:, :-1]).logits  # (4, T, V)
+        logits = model(inputs).logits  # (4, T, V)
     loss = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1), batch[:, 1:].flatten(), ignore_index=-100
+        logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX
     )
     want = runs["full"][2]["loss"]
     assert abs(float(loss) - want) <= RTOL * want, f"{float(loss)} vs meshtrain {want}"

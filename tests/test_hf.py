@@ -1,11 +1,14 @@
-"""Hugging Face interop: import a sharded safetensors LlamaForCausalLM into dp2 pp2 tp2 (each rank
-reads its slices), train, export back, and check against transformers' own numbers.
+"""Hugging Face interop: import sharded safetensors models of each family (LlamaForCausalLM,
+Qwen3ForCausalLM) into dp2 pp2 tp2 (each rank reads its slices), train, export back, and check
+against transformers' own numbers.
 
-One spawned world of 8 trains two runs on synthetic tokens from tiny random models that
+One spawned world of 8 trains four runs on synthetic tokens from tiny random models that
 transformers saved as many small safetensors shards (with an index):
 
-    tied     tie_word_embeddings = true,  lr = 0: the weights go through unchanged
-    untied   tie_word_embeddings = false, FSDP2, 2 steps
+    llama-tied    tie_word_embeddings = true,  lr = 0: the weights go through unchanged
+    llama-untied  tie_word_embeddings = false, FSDP2, 2 steps
+    qwen3-tied    the same two for Qwen3 (per-head q/k norms, head_dim 32 != hidden / heads)
+    qwen3-untied
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import torch
 import torch.nn.functional as F
 
 from meshtrain.cli import main
-from meshtrain.contracts import DataContext
+from meshtrain.contracts import Batch, DataContext
 from meshtrain.errors import UserError
 from tests.spawn import run_world
 
 RTOL = 1e-5
-GLOBAL_BATCH, SEQ_LEN = 4, 32
+GLOBAL_BATCH, SEQ_LEN, VOCAB = 4, 32, 512
 LAYOUT = [
     "parallel.dp=2",
     "parallel.pp=2",
@@ -31,19 +34,32 @@ LAYOUT = [
     "train.grad_acc=2",
     "train.micro_batch_size=1",
 ]
-RUNS = {
+# family -> its config keys beyond the shared ones. Qwen3's head_dim (32) is not hidden / heads
+# (16): q_proj is 64 -> 128 and o_proj 128 -> 64.
+FAMILIES = {"llama": {}, "qwen3": {"head_dim": 32}}
+KINDS = {
     "tied": (True, ["train.lr=0.0", "train.steps=1", "parallel.dp_shard=false"]),
     "untied": (False, ["train.lr=1e-3", "train.steps=2", "parallel.dp_shard=true"]),
 }
+RUNS = {
+    f"{family}-{kind}": (family, tied, overrides)
+    for family in FAMILIES
+    for kind, (tied, overrides) in KINDS.items()
+}
 
 
-def save_hf_model(folder: Path, tied: bool) -> None:
-    """A tiny random LlamaForCausalLM, saved by transformers as sharded safetensors."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def model_class(family: str) -> type:
+    import transformers
 
+    return {"llama": transformers.LlamaForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}[family]
+
+
+def save_hf_model(folder: Path, family: str, tied: bool) -> None:
+    """A tiny random model of `family`, saved by transformers as sharded safetensors."""
+    cls = model_class(family)
     torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=512,
+    config = cls.config_class(
+        vocab_size=VOCAB,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=4,
@@ -51,14 +67,15 @@ def save_hf_model(folder: Path, tied: bool) -> None:
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=tied,
+        **FAMILIES[family],
     )
-    LlamaForCausalLM(config).save_pretrained(folder, max_shard_size="100KB")
+    cls(config).save_pretrained(folder, max_shard_size="100KB")
 
 
-def write_config(path: Path, folder: Path) -> Path:
+def write_config(path: Path, folder: Path, family: str) -> Path:
     """A run config whose architecture comes only from the Hugging Face folder."""
     path.write_text(
-        f'[model]\nfamily = "llama"\nname = "{folder}"\npretrained = true\n\n'
+        f'[model]\nfamily = "{family}"\nname = "{folder}"\npretrained = true\n\n'
         '[data]\nsource = "synthetic"\n\n'
         f"[train]\nseq_len = {SEQ_LEN}\nwarmup_steps = 0\n\n"
         '[checkpoint]\nevery = 1\nkeep = 5\nresume = "never"\n'
@@ -66,8 +83,8 @@ def write_config(path: Path, folder: Path) -> Path:
     return path
 
 
-def global_batches(count: int, vocab: int = 512) -> list[torch.Tensor]:
-    """The first `count` global batches (GLOBAL_BATCH, SEQ_LEN + 1), from the data plugin."""
+def global_batches(count: int) -> list[Batch]:
+    """The first `count` global batches (GLOBAL_BATCH rows of SEQ_LEN), from the data plugin."""
     from meshtrain.plugins import Plugins
 
     source = Plugins().get("data_sources", "synthetic", "data.source")
@@ -78,7 +95,7 @@ def global_batches(count: int, vocab: int = 512) -> list[torch.Tensor]:
         dp=1,
         dp_rank=0,
         seed=0,
-        vocab_size=vocab,
+        vocab_size=VOCAB,
         run_dir=Path("."),
         cache_dir=Path("."),
     )
@@ -86,21 +103,23 @@ def global_batches(count: int, vocab: int = 512) -> list[torch.Tensor]:
     return [stream.next_batch() for _ in range(count)]
 
 
-def hf_logits_and_loss(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """transformers' logits (B, T, V) and meshtrain's loss: mean CE over every target token."""
+def hf_logits_and_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, float]:
+    """transformers' logits (B, T, V) and its own causal-LM loss on the batch's labels as given
+    (`shift_labels`: not shifted again), the mean CE over every target token, as meshtrain's."""
     with torch.no_grad():
-        logits = model(batch[:, :-1]).logits
-    loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
-    return logits, float(loss)
+        out = model(input_ids=batch.inputs, labels=batch.labels, shift_labels=batch.labels)
+    mean = F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten())
+    assert torch.allclose(out.loss, mean, rtol=1e-6)  # the loss meshtrain means
+    return out.logits, float(out.loss)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     runs = []
-    for name, (tied, overrides) in RUNS.items():
-        save_hf_model(out / f"{name}-hf", tied)
-        config = write_config(out / f"{name}.toml", out / f"{name}-hf")
+    for name, (family, tied, overrides) in RUNS.items():
+        save_hf_model(out / f"{name}-hf", family, tied)
+        config = write_config(out / f"{name}.toml", out / f"{name}-hf", family)
         runs.append((str(config), [*LAYOUT, *overrides, f'run.dir="{out / name}"']))
     results = run_world(8, runs, out)
     return out, dict(zip(RUNS, results, strict=True))
@@ -109,74 +128,86 @@ def trained(tmp_path_factory):
 @pytest.mark.dist
 @pytest.mark.parametrize("name", list(RUNS))
 def test_pretrained_loss_matches_transformers(trained, name):
-    from transformers import LlamaForCausalLM
-
     out, metrics = trained
     folder = out / f"{name}-hf"
     assert (folder / "model.safetensors.index.json").is_file()
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3  # really sharded
-    _, want = hf_logits_and_loss(LlamaForCausalLM.from_pretrained(folder), global_batches(1)[0])
+    reference = model_class(RUNS[name][0]).from_pretrained(folder)
+    _, want = hf_logits_and_loss(reference, global_batches(1)[0])
     got = metrics[name][0]["loss"]
     assert abs(got - want) <= RTOL * want, f"{name}: meshtrain {got} vs transformers {want}"
 
 
 @pytest.mark.dist
-def test_export_round_trip_is_exact(trained, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_round_trip_is_exact(trained, tmp_path, family):
     """lr = 0: HF -> per-rank slices -> DCP shards -> export -> HF leaves every logit unchanged."""
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     out, _ = trained
-    exported = tmp_path / "tied-export"
-    assert main(["export", str(out / "tied"), str(exported)]) == 0  # a run dir: newest ckpt
-    assert json.loads((exported / "config.json").read_text())["tie_word_embeddings"] is True
+    cls = model_class(family)
+    exported = tmp_path / f"{family}-tied-export"
+    assert main(["export", str(out / f"{family}-tied"), str(exported)]) == 0  # newest ckpt
+    config = json.loads((exported / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and config["model_type"] == family
+    assert config["architectures"] == [cls.__name__]
+    assert config.get("head_dim", 16) == FAMILIES[family].get("head_dim", 16)
     assert (exported / "generation_config.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(exported)
+    assert type(model) is cls
     assert model.lm_head.weight is model.model.embed_tokens.weight
     batch = global_batches(1)[0]
     got, _ = hf_logits_and_loss(model, batch)
-    want, _ = hf_logits_and_loss(LlamaForCausalLM.from_pretrained(out / "tied-hf"), batch)
+    want, _ = hf_logits_and_loss(cls.from_pretrained(out / f"{family}-tied-hf"), batch)
     assert torch.equal(got, want)
 
 
 @pytest.mark.dist
-def test_exported_trained_model_matches_meshtrain(trained, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_exported_trained_model_matches_meshtrain(trained, tmp_path, family):
     """The untied FSDP2 run's step-1 checkpoint, exported as several shards: transformers' loss
-    on the second global batch equals the loss meshtrain logged for step 2."""
-    from transformers import AutoModelForCausalLM
-
-    from meshtrain.export import export_checkpoint
+    on the second global batch equals the loss meshtrain logged for step 2, and its logits those
+    of meshtrain's own (one-stage) model read from the checkpoint."""
+    from meshtrain.export import export_checkpoint, load_full_model
 
     out, metrics = trained
+    cls = model_class(family)
+    checkpoint = out / f"{family}-untied" / "checkpoints" / "step_00000001"
     exported = export_checkpoint(
-        out / "untied" / "checkpoints" / "step_00000001",
-        tmp_path / "untied-export",
-        max_shard_size="200KB",
+        checkpoint, tmp_path / f"{family}-untied-export", max_shard_size="200KB"
     )
     assert (exported / "model.safetensors.index.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(exported)
+    model = cls.from_pretrained(exported)
     assert model.lm_head.weight is not model.model.embed_tokens.weight
-    _, got = hf_logits_and_loss(model, global_batches(2)[1])
-    want = metrics["untied"][1]["loss"]
+    batch = global_batches(2)[1]
+    logits, got = hf_logits_and_loss(model, batch)
+    want = metrics[f"{family}-untied"][1]["loss"]
     assert abs(got - want) <= RTOL * want, f"exported {got} vs meshtrain step 2 {want}"
+    implementation, full = load_full_model(checkpoint)
+    stage = implementation.split(full, range(4), first=True, last=True, sequence_shards=1)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, stage(batch.inputs), rtol=1e-5, atol=1e-6)
 
 
-def test_load_hf_weights_reads_sharded_files_and_ties(tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_load_hf_weights_reads_sharded_files_and_ties(tmp_path, family):
     """Without a process group (plain tensors): every parameter equals the saved one."""
-    from transformers import LlamaForCausalLM
-
     from meshtrain.weights import load_hf_weights
 
-    save_hf_model(tmp_path / "hf", tied=True)
-    saved = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
-    model = LlamaForCausalLM(saved.config)
+    cls = model_class(family)
+    save_hf_model(tmp_path / "hf", family, tied=True)
+    saved = cls.from_pretrained(tmp_path / "hf")
+    model = cls(saved.config)
     model.lm_head.weight = torch.nn.Parameter(torch.zeros_like(model.lm_head.weight))  # untie
-    load_hf_weights([model], tmp_path / "hf", {"lm_head.weight": "model.embed_tokens.weight"})
+    load_hf_weights(
+        [model], tmp_path / "hf", {"lm_head.weight": "model.embed_tokens.weight"}, hf_keys={}
+    )
     for name, value in saved.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"model\.name: .*empty has no model\.safetensors"):
-        load_hf_weights([model], tmp_path / "empty", {})
+        load_hf_weights([model], tmp_path / "empty", {}, hf_keys={})
 
 
 def test_export_refuses_bad_sources_and_outputs(tmp_path, capsys):

@@ -1,49 +1,65 @@
-"""The llama family: stages cover every parameter once, and the split model computes exactly what
-Hugging Face's LlamaForCausalLM computes (no process group needed)."""
+"""The built-in model families (meshtrain_models: llama, qwen3): stages cover every parameter
+once, the split model computes exactly what the transformers model computes, the plan covers
+every block, and config problems name their key (no process group needed)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from meshtrain_llama import LlamaFamily
-from transformers import LlamaForCausalLM
+from meshtrain_models import model_families
 
 from meshtrain.pipeline import partition_layers
 
+FAMILIES = ("llama", "qwen3")
+WHERE = "t.toml: model"
+TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 5,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 97,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+# Qwen3 sets its head width apart from hidden_size / num_attention_heads (8 here).
+EXTRA = {"llama": {}, "qwen3": {"head_dim": 16}}
 
-@pytest.fixture
-def family_and_config():
-    family = LlamaFamily()
-    config, problems = family.parse_config(
-        {
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 5,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "vocab_size": 97,
-            "max_position_embeddings": 64,
-            "tie_word_embeddings": False,
-        },
-        name=None,
-        trust_remote_code=False,
-        where="t.toml: model",
+
+def family_of(name: str):
+    return model_families()[name]
+
+
+def parse(name: str, options: dict, model_name: str | None = None):
+    return family_of(name).parse_config(
+        options, name=model_name, trust_remote_code=False, where=WHERE
     )
+
+
+@pytest.fixture(params=FAMILIES)
+def family_and_config(request):
+    config, problems = parse(request.param, {**TINY, **EXTRA[request.param]})
     assert problems == []
-    return family, config
+    return request.param, family_of(request.param), config
+
+
+def split(family, model, num_stages: int) -> list[torch.nn.Module]:
+    ranges = partition_layers(model.config.num_hidden_layers, num_stages)
+    return [
+        family.split(model, r, first=i == 0, last=i == num_stages - 1, sequence_shards=1)
+        for i, r in enumerate(ranges)
+    ]
 
 
 @pytest.mark.parametrize("num_stages", [1, 2, 3])
 def test_split_stages_equal_the_hugging_face_model(family_and_config, num_stages):
-    family, config = family_and_config
+    _, family, config = family_and_config
     torch.manual_seed(0)
-    reference = LlamaForCausalLM(config).eval()
+    reference = family.spec.model_class(config).eval()
     model = family.build(config)
+    assert type(model) is type(reference)
     model.load_state_dict(reference.state_dict())
-    ranges = partition_layers(config.num_hidden_layers, num_stages)
-    stages = [
-        family.split(model, r, first=i == 0, last=i == num_stages - 1) for i, r in enumerate(ranges)
-    ]
+    stages = split(family, model, num_stages)
     names = [name for stage in stages for name, _ in stage.named_parameters()]
     assert sorted(names) == sorted(name for name, _ in reference.named_parameters())
     ids = torch.randint(0, config.vocab_size, (2, 16))  # (B, T)
@@ -55,12 +71,48 @@ def test_split_stages_equal_the_hugging_face_model(family_and_config, num_stages
     torch.testing.assert_close(x, want, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_and_mistyped_keys_name_the_key():
-    _, problems = LlamaFamily().parse_config(
-        {"hidden_sise": 64, "num_hidden_layers": 2.5, "tie_word_embeddings": 1},
-        name=None,
-        trust_remote_code=False,
-        where="t.toml: model",
+def test_shape_head_dim_is_the_configured_one(family_and_config):
+    name, family, config = family_and_config
+    shape = family.shape(config)
+    assert shape.head_dim == (16 if name == "qwen3" else 32 // 4)
+    assert (shape.num_heads, shape.num_kv_heads, shape.num_layers) == (4, 2, 5)
+    assert shape.tied_embeddings is False and shape.vocab_size == 97
+
+
+def test_plan_covers_every_block(family_and_config):
+    name, family, config = family_and_config
+    with torch.device("meta"):
+        model = family.build(config)
+    per_block = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ]
+    head_norms = ["self_attn.q_norm", "self_attn.k_norm"]
+    first, last = split(family, model, 2)  # layers 0-2 + embedding, 3-4 + norm + head
+    for stage, layers in ((first, range(0, 3)), (last, range(3, 5))):
+        plan = family.plan(stage, sequence_parallel=False)
+        blocks = tuple(f"model.layers.{i}" for i in layers)
+        assert plan.fsdp_units == blocks and plan.ac_units == blocks
+        for block in blocks:
+            for module in per_block:
+                assert f"{block}.{module}" in plan.tp, f"{name}: {block}.{module}"
+            for module in head_norms:
+                assert (f"{block}.{module}" in plan.tp) == (name == "qwen3"), f"{block}.{module}"
+        for key in plan.tp:  # every style names a module of this stage
+            stage.get_submodule(key)
+        assert ("model.embed_tokens" in plan.tp) == stage.first
+        assert ("lm_head" in plan.tp) == stage.last
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_unknown_and_mistyped_keys_name_the_key(name):
+    _, problems = parse(
+        name, {"hidden_sise": 64, "num_hidden_layers": 2.5, "tie_word_embeddings": 1}
     )
     assert problems == [
         "t.toml: model.hidden_sise: unknown key (did you mean model.hidden_size?)",
@@ -69,10 +121,25 @@ def test_unknown_and_mistyped_keys_name_the_key():
     ]
 
 
-def test_offline_hub_name_fails_fast_naming_the_key():
-    _, problems = LlamaFamily().parse_config(
-        {}, name="HuggingFaceTB/SmolLM-1.7B", trust_remote_code=False, where="t.toml: model"
-    )
+@pytest.mark.parametrize("name", FAMILIES)
+def test_offline_hub_name_fails_fast_naming_the_key(name):
+    _, problems = parse(name, {}, model_name="HuggingFaceTB/SmolLM-1.7B")
     (line,) = problems
     assert line.startswith("t.toml: model.name: 'HuggingFaceTB/SmolLM-1.7B' is not a local path")
     assert "inline" in line
+
+
+@pytest.mark.parametrize(("family", "other"), [("llama", "qwen3"), ("qwen3", "llama")])
+def test_folder_of_another_model_type_is_one_problem_naming_model_name(tmp_path, family, other):
+    """A config.json folder of the other family is refused; of its own, it is read (head_dim
+    included)."""
+    for kind in FAMILIES:
+        config, _ = parse(kind, {**TINY, **EXTRA[kind]})
+        config.save_pretrained(tmp_path / kind)
+    _, problems = parse(family, {}, model_name=str(tmp_path / other))
+    (line,) = problems
+    assert line.startswith(f"t.toml: model.name: {tmp_path / other} ")
+    assert f"{other!r} model" in line and family in line.rsplit(";", 1)[1]
+    config, problems = parse(family, {}, model_name=str(tmp_path / family))
+    assert problems == []
+    assert family_of(family).shape(config).head_dim == (16 if family == "qwen3" else 8)

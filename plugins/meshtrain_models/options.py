@@ -58,7 +58,8 @@ def parse_model_config(
         base.pop("layer_types", None)  # sized for the original depth; derived again
     merged = {**base, **options}
     heads, hidden = merged.get("num_attention_heads"), merged.get("hidden_size")
-    if "head_dim" not in merged and heads and hidden and hidden % heads:
+    derived = "head_dim" not in merged and defaults.get("head_dim") is None  # hidden / heads
+    if derived and heads and hidden and hidden % heads:
         return None, [
             f"{where}.hidden_size: {hidden} is not divisible by "
             f"{section}.num_attention_heads ({heads})"
