@@ -50,9 +50,17 @@ def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: flo
     return 2 * n**3 * count / (time.perf_counter() - start)
 
 
-def peak_rss_gib() -> float:
-    """This process's peak resident memory (GiB): what the OS had to give it."""
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's peak memory (GiB): allocated on the GPU on CUDA, else the peak resident
+    memory the OS had to give it."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
+                 "L40S": 362e12, "L4": 121e12, "B200": 2250e12}
+"""Published dense bf16 tensor-core FLOP/s (SXM parts), for MFU on GPUs."""
 
 
 class MetricsLog:
@@ -113,9 +121,15 @@ def _tensorboard_writer(run_dir: Path) -> Any:
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def peak_flops(mesh: Any) -> float:
-    """The machine's matmul FLOP/s for MFU: measured once by the launcher (all cores of a CPU)
-    and passed in $MESHTRAIN_PEAK_FLOPS, else measured here per device."""
+def peak_flops(mesh: Any, precision: str = "fp32") -> float:
+    """The machine's matmul FLOP/s for MFU: on a known GPU in bf16 its published peak; else
+    measured once by the launcher (all cores of a CPU) and passed in $MESHTRAIN_PEAK_FLOPS, or
+    measured here per device."""
+    if mesh.device.type == "cuda" and precision == "bf16":
+        name = torch.cuda.get_device_name(mesh.device)
+        known = [peak for key, peak in GPU_BF16_PEAK.items() if key in name.split()]
+        if known:
+            return known[0] * mesh.world
     value = os.environ.get(PEAK_ENV)
     if value:
         return float(value)

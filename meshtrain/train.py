@@ -21,7 +21,7 @@ from meshtrain.contracts import DataContext
 from meshtrain.grads import finish_grads
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, init_mesh
-from meshtrain.metrics import MetricsLog, peak_flops, peak_rss_gib
+from meshtrain.metrics import MetricsLog, peak_flops, peak_memory_gib
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_lr_schedule, build_optimizer
 from meshtrain.pipeline import describe_stages
@@ -106,7 +106,7 @@ def build_trainer(job: Job) -> Trainer:
         optimizer=optimizer,
         lr_schedule=build_lr_schedule(optimizer, cfg.train),
         data=job.source.open(job.data_options, data_context(job, mesh.dp_rank)),
-        peak_flops=peak_flops(mesh),
+        peak_flops=peak_flops(mesh, cfg.train.precision),
     )
     if resume_from is not None:
         load_checkpoint(trainer, resume_from)
@@ -149,7 +149,7 @@ def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
     # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
     reporter = model.last and mesh.tp_rank == 0
     share = float(loss) / mesh.size("dp") if reporter else 0.0
-    rss = peak_rss_gib()
+    rss = peak_memory_gib(mesh.device)
     local = torch.tensor(
         [share, rss, time.process_time() - cpu_start], dtype=torch.float64, device=mesh.device
     )
