@@ -82,11 +82,11 @@ def check_resume(job: Job) -> Path | None:
     if path is None:
         return None
     meta = read_meta(path, f"{job.config.path}: checkpoint.resume")
-    if meta.get("family") != job.config.model.family:
+    if meta.get("family") != job.family_name:
         raise UserError(
             f"{job.config.path}: checkpoint.resume: {path} holds a "
             f"{meta.get('family')!r} model, the config trains "
-            f"{job.config.model.family!r} (model.family)"
+            f"{job.family_name!r} (model.family)"
         )
     saved = meta.get("shape")
     if saved != asdict(job.shape):

@@ -131,7 +131,10 @@ def format_config(job: Job) -> str:
         for item in dataclasses.fields(section):
             if item.name == "options" and table in OPEN_SECTIONS:
                 continue
-            lines.append(f"{item.name} = {toml_value(getattr(section, item.name))}")
+            value = toml_value(getattr(section, item.name))
+            if (table, item.name) == ("model", "family") and job.family_name != config.model.family:
+                value = f"{toml_value(job.family_name)}  # {value}: from model.name's model_type"
+            lines.append(f"{item.name} = {value}")
         if table == "model":
             lines += [f"{k} = {toml_value(v)}" for k, v in config.model.options.items()]
         if table == "data" and dataclasses.is_dataclass(job.data_options):

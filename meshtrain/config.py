@@ -66,8 +66,9 @@ class PipelineSection:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    family: str = "llama"
-    """Name of a model family from a plugin."""
+    family: str = "auto"
+    """Name of a model family from a plugin; auto = the family that trains model.name's
+    model_type (config.json)."""
     name: str = ""
     """Hub id or local folder with config.json; the family's keys below override it."""
     pretrained: bool = False

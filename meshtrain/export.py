@@ -113,7 +113,7 @@ def _family_and_config(path: Path) -> tuple[Any, Any]:
         raise UserError(f"export: {where} holds no config")
     config = config_from_raw(path / META, meta["config"])
     family = Plugins(config.plugins.disable).get(
-        "model_families", config.model.family, f"{where}: model.family"
+        "model_families", meta.get("family") or config.model.family, f"{where}: model.family"
     )
     model_config, problems = family.parse_config(
         config.model.options,

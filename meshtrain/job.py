@@ -7,8 +7,10 @@ is collected and raised together as one ConfigError.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ import torch
 from meshtrain.config import Config, parse_section
 from meshtrain.contracts import DataSource, ModelFamily, ModelShape, PipelineSchedule
 from meshtrain.errors import ConfigError, UserError, suggest
+from meshtrain.hub import hub_problem
 from meshtrain.plugins import Plugins, entry_point_names
 
 log = logging.getLogger("meshtrain")
@@ -25,6 +28,8 @@ log = logging.getLogger("meshtrain")
 class Job:
     config: Config
     plugins: Plugins
+    family_name: str
+    """The family `model.family` names, or the one "auto" found for model.name's model_type."""
     family: ModelFamily
     model_config: Any
     shape: ModelShape
@@ -78,7 +83,11 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
             problems.extend(err.problems)
             return None
 
-    family = pick("model_families", config.model.family, "model.family")
+    family_name = config.model.family
+    if family_name == "auto":
+        family_name, problem = pick_family(config, plugins)
+        problems += [problem] if problem else []
+    family = pick("model_families", family_name, "model.family") if family_name else None
     schedule = pick("pipeline_schedules", config.pipeline.schedule, "pipeline.schedule")
     source = pick("data_sources", config.data.source, "data.source")
     model_config = shape = data_options = None
@@ -108,6 +117,7 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
     return Job(
         config=config,
         plugins=plugins,
+        family_name=family_name,
         family=family,
         model_config=model_config,
         shape=shape,
@@ -116,6 +126,69 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
         data_options=data_options,
         warnings=_no_effect_warnings(config),
     )
+
+
+def pick_family(config: Config, plugins: Plugins) -> tuple[str | None, str]:
+    """`model.family = "auto"`: the installed family that declares model.name's model_type."""
+    where, name = config.path, config.model.name
+    if not name:
+        return None, (
+            f"{where}: model.family: 'auto' needs model.name (a folder with "
+            "config.json or a hub id); for an inline architecture set model.family"
+        )
+    kind, problem = read_model_type(name, f"{where}: model.name")
+    if problem:
+        return None, problem
+    catalog = plugins.catalogs["model_families"]
+    found = [
+        family
+        for family, (provider, _) in sorted(catalog.items())
+        if kind in getattr(provider, "model_types", ())
+    ]
+    if not found:
+        installed = (
+            ", ".join(
+                f"{family} ({', '.join(getattr(provider, 'model_types', ())) or '-'})"
+                for family, (provider, _) in sorted(catalog.items())
+            )
+            or "none"
+        )
+        return None, (
+            f"{where}: model.name: {name} is a {kind!r} model (model_type) and no "
+            f"installed family trains it; families (model types): {installed}"
+        )
+    return found[0], ""
+
+
+def read_model_type(name: str, where: str) -> tuple[str | None, str]:
+    """model_type from `name`'s config.json (a folder, or the hub when it answers)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        problem = hub_problem(
+            name,
+            where,
+            "download it and set model.name to its folder, or "
+            "set model.family and write the architecture inline",
+        )
+        if problem:
+            return None, problem
+        try:
+            from huggingface_hub import hf_hub_download
+
+            folder = Path(hf_hub_download(name, "config.json")).parent
+        except Exception as err:  # noqa: BLE001 (any hub failure is the user's to fix)
+            return None, f"{where}: cannot fetch config.json of {name!r} ({type(err).__name__})"
+    path = folder / "config.json"
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"{where}: folder {name} has no config.json"
+    except (OSError, ValueError) as err:
+        return None, f"{where}: {path} is not valid JSON ({str(err).splitlines()[0]})"
+    kind = values.get("model_type") if isinstance(values, dict) else None
+    if not isinstance(kind, str):
+        return None, f"{where}: {path} names no model_type"
+    return kind, ""
 
 
 def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule) -> list[str]:

@@ -171,7 +171,7 @@ def save_checkpoint(t: Trainer) -> Path:
         "config": cfg.raw,
         "world": t.mesh.world,
         "layout": checkpoint.layout_of(cfg),
-        "family": cfg.model.family,
+        "family": t.job.family_name,
     }
     rank_state = {"rng": torch.get_rng_state(), "data": t.data.state_dict()}
     return checkpoint.save(
