@@ -8,6 +8,7 @@ exactly the single-process mean over the global batch, whatever grad_acc, dp or 
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 import torch
@@ -55,10 +56,15 @@ class Stepper:
         self.model, self.mesh, self.grad_acc = model, mesh, grad_acc
         self.loss_fn = TokenLoss()
         self.schedule = None
+        self.busy_s = 0.0
+        """Seconds of the last step this rank computed (forward/backward of its stages), so the
+        rest of the step is pipeline bubble."""
         if mesh.size("pp") > 1:
             stages = build_pipeline_stages(
                 model.stages, model.stage_ids, model.num_stages, mesh.device, mesh.group("pp")
             )
+            for stage in stages:
+                self._time_compute(stage)
             self.schedule = schedule_provider.build(stages, grad_acc, self.loss_fn)
         # bf16 without FSDP2's mixed precision (which casts the gathered weights itself).
         self.autocast = (
@@ -76,12 +82,29 @@ class Stepper:
         tokens = (labels != IGNORE_INDEX).sum()
         dist.all_reduce(tokens, group=self.mesh.group("dp"))
         self.loss_fn.scale = self.mesh.size("dp") / max(int(tokens), 1)
+        self.busy_s, start = 0.0, time.perf_counter()
         with loss_context(self.mesh.size("tp")), self.autocast:
             if self.schedule is None:
                 loss = self._run_plain(inputs, labels)
+                self.busy_s = time.perf_counter() - start
             else:
                 loss = self._run_pipeline(inputs, labels)
         return loss, int(tokens)
+
+    def _time_compute(self, stage: Any) -> None:
+        """Count the time `stage` spends in its forward and backward passes (the schedule's F, B,
+        I and W actions; waiting for neighbours happens outside them)."""
+        for name in ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk"):
+            method = getattr(stage, name)
+
+            def timed(*args: Any, _method: Any = method, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.busy_s += time.perf_counter() - start
+
+            setattr(stage, name, timed)
 
     def _run_plain(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         (stage,) = self.model.stages

@@ -140,26 +140,35 @@ def train_step(t: Trainer) -> dict:
         "mfu": flops / elapsed / t.peak_flops,
         **stats["memory"],
         "cpu_s": stats["cpu_s"],
+        "pp_busy_s": stats["pp_busy_s"],
     }
 
 
 def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
-    """Loss, memory and CPU time over the world, in two all-reduces."""
+    """Loss, memory, CPU and compute time over the world, in two all-reduces. Per pp rank: the
+    mean compute seconds (the rest of the step is its pipeline bubble) and the peak memory."""
     mesh, model = t.mesh, t.model
+    pp, me = mesh.size("pp"), mesh.pp_rank
     # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
     reporter = model.last and mesh.tp_rank == 0
     share = float(loss) / mesh.size("dp") if reporter else 0.0
-    rss = peak_memory_gib(mesh.device)
-    local = torch.tensor(
-        [share, rss, time.process_time() - cpu_start], dtype=torch.float64, device=mesh.device
-    )
-    dist.all_reduce(local)
-    peak = torch.tensor(rss, device=mesh.device)
-    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    mem = peak_memory_gib(mesh.device)
+    summed = torch.zeros(3 + pp, dtype=torch.float64, device=mesh.device)
+    summed[:3] = torch.tensor([share, mem, time.process_time() - cpu_start])
+    summed[3 + me] = t.stepper.busy_s / (mesh.world // pp)
+    dist.all_reduce(summed)
+    peaks = torch.zeros(1 + pp, dtype=torch.float64, device=mesh.device)
+    peaks[0] = peaks[1 + me] = mem
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     return {
-        "loss": float(local[0]),
-        "cpu_s": float(local[2]),
-        "memory": {"peak_mem_total_gib": float(local[1]), "peak_mem_max_rank_gib": float(peak)},
+        "loss": float(summed[0]),
+        "cpu_s": float(summed[2]),
+        "pp_busy_s": [round(float(v), 6) for v in summed[3:]],
+        "memory": {
+            "peak_mem_total_gib": float(summed[1]),
+            "peak_mem_max_rank_gib": float(peaks[0]),
+            "pp_peak_mem_gib": [round(float(v), 4) for v in peaks[1:]],
+        },
     }
 
 
