@@ -1,7 +1,7 @@
 # Shortcuts; CI runs .ci/run (a clean venv, then the README's test command).
 PYTHON ?= python
 
-.PHONY: test lint format bench parity
+.PHONY: test lint format bench parity memory schedules
 
 test:
 	$(PYTHON) -m pytest -q -x
@@ -18,3 +18,9 @@ bench:
 
 parity:
 	$(PYTHON) -m pytest -q -m parity
+
+memory:
+	$(PYTHON) -m pytest -q -m slow
+
+schedules:
+	$(PYTHON) bench/schedules.py
