@@ -338,8 +338,9 @@ def test_third_party_names_can_be_selected(third_party, tmp_path):
 @pytest.mark.dist
 def test_third_party_family_trains_at_pp2_tp2_like_one_process(tmp_path, monkeypatch):
     """A model family written in plain torch against `meshtrain.api` alone, installed as a
-    dist-info outside the repository, trains at pp2 tp2 (FSDP units, activation checkpointing,
-    vocab-parallel embedding) with the single-process losses."""
+    dist-info outside the repository with a schedule of its own, trains at pp2 tp2 under that
+    schedule (activation checkpointing, vocab-parallel embedding) with the single-process
+    losses."""
     from tests.spawn import run_world
 
     site = tmp_path / "site"
@@ -359,7 +360,7 @@ def test_third_party_family_trains_at_pp2_tp2_like_one_process(tmp_path, monkeyp
         "[train]\nsteps = 4\ngrad_acc = 2\nmicro_batch_size = 2\nseq_len = 32\nlr = 1e-2\n"
         'activation_checkpointing = "full"\n\n[checkpoint]\nresume = "never"\n'
     )
-    runs = {1: [], 4: ["parallel.pp=2", "parallel.tp=2"]}
+    runs = {1: [], 4: ["parallel.pp=2", "parallel.tp=2", 'pipeline.schedule="tinymlp_1f1b"']}
     losses = {
         world: [
             m["loss"]

@@ -1,5 +1,6 @@
-"""A third-party model family, as a package on PyPI would ship it: a tiny causal LM written in
-plain torch (no transformers), to prove that a family needs nothing but `meshtrain.api`.
+"""A third-party plugin, as a package on PyPI would ship it: a model family (a tiny causal LM in
+plain torch, no transformers) and a pipeline schedule, to prove that both need nothing but
+`meshtrain.api`.
 
 Token embedding -> blocks of (LayerNorm, up, GELU, down) with a causal running mean of the
 hidden states (so positions mix) -> LayerNorm -> untied head.
@@ -132,3 +133,31 @@ class TinyFamily:
 @hookimpl
 def model_families():
     return {"tinymlp": TinyFamily()}
+
+
+class OneFOneBVariant:
+    """A thin third-party schedule: torch's 1F1B, placed and validated like meshtrain's own."""
+
+    stages_per_rank = 1
+    splits_backward = False
+
+    def placement(self, pp_rank, pp):
+        return [pp_rank]
+
+    def validate(self, *, pp, grad_acc, num_layers):
+        return [] if grad_acc >= pp else [f"train.grad_acc: {grad_acc} < parallel.pp ({pp})"]
+
+    def in_flight(self, pp_rank, pp, grad_acc):
+        return min(grad_acc, pp - pp_rank)
+
+    def build(self, stages, n_microbatches, loss_fn):
+        from torch.distributed.pipelining import Schedule1F1B
+
+        return Schedule1F1B(
+            stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False
+        )
+
+
+@hookimpl
+def pipeline_schedules():
+    return {"tinymlp_1f1b": OneFOneBVariant()}
