@@ -58,8 +58,16 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12,
-                 "L40S": 362e12, "L4": 121e12, "B200": 2250e12}
+GPU_BF16_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "B200": 2250e12,
+}
 """Published dense bf16 tensor-core FLOP/s (SXM parts), for MFU on GPUs."""
 
 

@@ -125,16 +125,13 @@ def _ties(
     group with the pp rank holding the other side. Shared within one stage: nothing to do."""
     ranks = stage_ranks(job.schedule, job.config.parallel.pp)
     pairs = job.family.tied_parameters(job.model_config)
-    remote = {tuple(sorted((ranks[holders[a]], ranks[holders[b]]))) for a, b in pairs}
-    groups = pp_pair_groups(mesh, sorted(p for p in remote if p[0] != p[1]))
+    pp_pair = {(a, b): tuple(sorted((ranks[holders[a]], ranks[holders[b]]))) for a, b in pairs}
+    groups = pp_pair_groups(mesh, sorted({p for p in pp_pair.values() if p[0] != p[1]}))
     ties = []
     for a, b in pairs:
-        if holders[a] == holders[b]:
-            continue  # one Parameter, re-tied inside the stage
         held = [mine[n] for n in (a, b) if n in mine]
-        if held:
-            pair = tuple(sorted((ranks[holders[a]], ranks[holders[b]])))
-            ties.append(Tie(params=held, group=groups.get(pair)))
+        if holders[a] != holders[b] and held:  # in one stage: one Parameter, re-tied
+            ties.append(Tie(params=held, group=groups.get(pp_pair[a, b])))
     return ties
 
 
