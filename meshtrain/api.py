@@ -28,7 +28,10 @@ from meshtrain.errors import ConfigError, UserError, suggest
 from meshtrain.hub import hub_offline, hub_problem, looks_like_hub_id, offline_error, require_hub
 
 _LAZY = {
+    "FusedColwiseParallel": "meshtrain.tensor_parallel",
+    "KeyValueParallel": "meshtrain.tensor_parallel",
     "VocabParallelEmbedding": "meshtrain.tensor_parallel",
+    "local_kv_groups": "meshtrain.tensor_parallel",
 }
 
 __all__ = [

@@ -36,6 +36,9 @@ class ModelShape:
     tp_divisible: Mapping[str, int] = field(default_factory=dict)
     """Sizes parallel.tp must divide, by the config key that sets them (e.g.
     model.num_attention_heads, model.vocab_size): whatever the family's tp plan splits."""
+    tp_divisible_or_multiple: Mapping[str, int] = field(default_factory=dict)
+    """Sizes parallel.tp must divide or be a multiple of (e.g. model.num_key_value_heads when the
+    plan replicates key/value heads on tp ranks that have fewer than one each)."""
     activations_replicated: float = 0.0
     """Floats per token per layer kept for backward that tp does not split (the residual stream
     around the norms; split over tp under sequence parallel)."""

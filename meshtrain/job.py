@@ -199,6 +199,11 @@ def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule)
         for key, size in shape.tp_divisible.items()
         if size % par.tp
     ]
+    problems += [
+        f"{p}: parallel.tp: {par.tp} does not divide {key} ({size}) nor is it a multiple of it"
+        for key, size in shape.tp_divisible_or_multiple.items()
+        if size % par.tp and par.tp % size
+    ]
     stages = par.pp * schedule.stages_per_rank
     if stages > shape.num_layers:
         problems.append(

@@ -129,7 +129,7 @@ def _sizes(stages: list[nn.Module], plans: list[StagePlan], tp: int) -> dict[int
     for stage, plan in zip(stages, plans, strict=True):
         for path, style in plan.tp.items():
             module = stage.get_submodule(path)
-            for name in shard_dims(module, style):
+            for name in shard_dims(module, style, tp):
                 split[id(module.get_parameter(name))] = tp
     return {
         id(p): -(-p.numel() // split.get(id(p), 1)) for stage in stages for p in stage.parameters()

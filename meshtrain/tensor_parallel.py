@@ -3,7 +3,8 @@
 The head returns logits sharded over the vocabulary (Shard(-1)); `loss_parallel` computes the
 cross-entropy from those shards without gathering full-vocabulary logits on any rank. The
 embedding is split over the vocabulary by `VocabParallelEmbedding`, whose backward produces only
-the local shard's gradient.
+the local shard's gradient. Key/value projections go through `KeyValueParallel`, which also
+serves models with fewer key/value heads than tp ranks (replicated, each rank using its own head).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ class VocabParallelEmbedding(ParallelStyle):
         super().__init__()
         self.output_layout = output_layout or Replicate()
 
-    def shard_dims(self, module: nn.Module) -> dict[str, int]:
+    def shard_dims(self, module: nn.Module, tp: int) -> dict[str, int]:
         return {"weight": 0}
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
@@ -71,14 +72,133 @@ def _lookup(
     return summed.to_local()
 
 
-def shard_dims(module: nn.Module, style: Any) -> dict[str, int]:
+class KeyValueParallel(ParallelStyle):
+    """A key or value projection (`nn.Linear` with num_kv_heads * head_dim outputs) beside
+    column-parallel queries, for any tp that divides num_heads and divides or is a multiple of
+    num_kv_heads.
+
+    When tp divides num_kv_heads this is ColwiseParallel (weight and bias Shard(0)). With fewer
+    key/value heads than tp ranks (multi-query, small GQA), the weight and bias stay Replicate and
+    each rank computes only the key/value head its query heads use: rank r holds query heads
+    [r H / tp, (r + 1) H / tp) and query head q uses kv head q // (H / kv), so rank r needs kv
+    head r kv // tp (one head: H / tp query heads never span two groups when kv divides tp). The
+    attention must then repeat it H / tp times (`local_kv_groups`). Each rank's loss share only
+    touches its own heads, so the weight's and the input's gradients come back Partial and are
+    summed over tp."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+
+    def replicates(self, tp: int) -> bool:
+        """Whether the weight stays whole on each of `tp` ranks."""
+        return self.num_kv_heads % tp != 0
+
+    def shard_dims(self, module: nn.Module, tp: int) -> dict[str, int]:
+        if self.replicates(tp):
+            return {}
+        return {name: 0 for name, _ in module.named_parameters(recurse=False)}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from torch.distributed.tensor.parallel import ColwiseParallel
+
+        tp = device_mesh.size()
+        if not self.replicates(tp):
+            return ColwiseParallel()._apply(module, device_mesh)
+        if tp % self.num_kv_heads or self.num_heads % tp:
+            raise ValueError(
+                f"KeyValueParallel: tp {tp} must divide {self.num_heads} heads and divide or be "
+                f"a multiple of {self.num_kv_heads} key/value heads"
+            )
+        assert isinstance(module, nn.Linear)
+        for name, param in list(module.named_parameters(recurse=False)):
+            whole = distribute_tensor(param, device_mesh, [Replicate()], src_data_rank=None)
+            module.register_parameter(name, nn.Parameter(whole, param.requires_grad))
+        head = device_mesh.get_local_rank() * self.num_kv_heads // tp
+        rows = slice(head * self.head_dim, (head + 1) * self.head_dim)
+        module.forward = partial(_kv_head, module, device_mesh, rows)
+        return module
+
+
+def local_kv_groups(num_heads: int, num_kv_heads: int, tp: int) -> int:
+    """Query heads per local key/value head on each of `tp` ranks (see KeyValueParallel)."""
+    if num_kv_heads % tp == 0:
+        return num_heads // num_kv_heads
+    return num_heads // tp
+
+
+def _kv_head(module: nn.Linear, mesh: DeviceMesh, rows: slice, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, DTensor):
+        x = DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+    elif x.placements != (Replicate(),):
+        x = x.redistribute(mesh, [Replicate()])
+    # Local math on this rank's rows; the gradients are this rank's share: Partial.
+    partial_grad = [Partial()]
+    local_x = x.to_local(grad_placements=partial_grad)  # (B, T, C)
+    weight = module.weight.to_local(grad_placements=partial_grad)[rows]  # (head_dim, C)
+    bias = module.bias
+    if bias is not None:
+        bias = bias.to_local(grad_placements=partial_grad)[rows]
+    return F.linear(local_x, weight, bias)  # (B, T, head_dim)
+
+
+class FusedColwiseParallel(ParallelStyle):
+    """An `nn.Linear` whose output is several blocks side by side (Phi-3's qkv_proj [Q | K | V],
+    gate_up_proj [gate | up]) that returns each rank's part of every block ([Q_r | K_r | V_r]),
+    as if each block were a ColwiseParallel linear of its own.
+
+    The weight and bias are Shard(0) as under ColwiseParallel, so checkpoints and Hugging Face
+    slices are plain contiguous rows; but those rows hold the wrong mix of blocks, so the output
+    is gathered over tp (all-gather in forward, reduce-scatter in backward) and each rank keeps
+    its parts. `blocks`: (heads, head size) per block, e.g. ((H, d), (kv, d), (kv, d)) or
+    ((I, 1), (I, 1)). A block with fewer heads than tp ranks gives rank r its head r heads // tp
+    (the key/value head its query heads use, as KeyValueParallel)."""
+
+    def __init__(self, blocks: tuple[tuple[int, int], ...]):
+        super().__init__()
+        self.blocks = tuple(blocks)
+
+    def shard_dims(self, module: nn.Module, tp: int) -> dict[str, int]:
+        return {name: 0 for name, _ in module.named_parameters(recurse=False)}
+
+    def rows(self, rank: int, tp: int) -> torch.Tensor:
+        """Indices into the fused output of rank `rank`'s parts, block by block."""
+        parts, start = [], 0
+        for heads, size in self.blocks:
+            first, count = rank * heads // tp, max(1, heads // tp)
+            parts.append(torch.arange(start + first * size, start + (first + count) * size))
+            start += heads * size
+        return torch.cat(parts)
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        from torch.distributed.tensor.parallel import ColwiseParallel
+
+        tp = device_mesh.size()
+        for heads, _ in self.blocks:
+            if heads % tp and tp % heads:
+                raise ValueError(
+                    f"FusedColwiseParallel: tp {tp} must divide or be a multiple of {heads}"
+                )
+        module = ColwiseParallel(use_local_output=False)._apply(module, device_mesh)
+        rows = self.rows(device_mesh.get_local_rank(), tp)
+        module.register_forward_hook(partial(_own_rows, device_mesh, rows))
+        return module
+
+
+def _own_rows(mesh: DeviceMesh, rows: torch.Tensor, module: nn.Module, inputs: Any, out: Any):
+    whole = out.redistribute(mesh, [Replicate()])  # (..., fused), all-gathered
+    local = whole.to_local(grad_placements=[Partial()])  # each rank's share of the gradient
+    return local.index_select(-1, rows.to(local.device))  # (..., this rank's parts)
+
+
+def shard_dims(module: nn.Module, style: Any, tp: int) -> dict[str, int]:
     """Which of `module`'s own parameters `style` splits over tp, and along which dim, for
     counting without a process group. A style of a plugin's own says so with `shard_dims`."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     own = dict(module.named_parameters(recurse=False))
     if hasattr(style, "shard_dims"):
-        return style.shard_dims(module)
+        return style.shard_dims(module, tp)
     if isinstance(style, ColwiseParallel):  # Linear (out, in) and bias (out); Embedding (V, C)
         return {name: 1 if isinstance(module, nn.Embedding) else 0 for name in own}
     if isinstance(style, RowwiseParallel):  # the bias stays whole

@@ -87,7 +87,9 @@ def test_builtins_register_through_entry_points():
     assert "llama" in plugins.catalogs["model_families"]
     models = next(info for info in plugins.describe() if info.name == "meshtrain_models")
     assert models.distribution == "meshtrain" and models.hooks == ["model_families"]
-    assert models.provides == {"model_families": ["llama", "qwen3"]}
+    assert models.provides == {
+        "model_families": ["gemma", "llama", "mistral", "phi3", "qwen2", "qwen3"]
+    }
 
 
 def test_extra_plugin_provides_names():

@@ -1,4 +1,5 @@
-"""A model family over a Hugging Face decoder class with the LLaMA layout (Llama, Qwen3, ...).
+"""A model family over a Hugging Face decoder class with the LLaMA layout (Llama, Qwen3, Mistral,
+Qwen2, Gemma, Phi-3).
 
 One `DecoderFamily` per architecture, configured by a `Spec`: the transformers config and model
 classes, the `model_type`s it accepts and what its blocks hold beyond LLaMA's.
@@ -27,6 +28,8 @@ class Spec:
     model_types: tuple[str, ...]
     head_norms: bool = False
     """q_norm / k_norm over each head (Qwen3)."""
+    norm_weight: float = 1.0
+    """Initial RMSNorm weight: 1, or 0 where the norm multiplies by (1 + weight) (Gemma)."""
 
 
 class DecoderFamily:
@@ -66,10 +69,11 @@ class DecoderFamily:
             tied_embeddings=bool(c.tie_word_embeddings),
             tp_divisible={
                 "model.num_attention_heads": c.num_attention_heads,
-                "model.num_key_value_heads": c.num_key_value_heads,
                 "model.vocab_size": c.vocab_size,
                 "model.intermediate_size": c.intermediate_size,
             },
+            # Fewer key/value heads than tp ranks are replicated (KeyValueParallel).
+            tp_divisible_or_multiple={"model.num_key_value_heads": c.num_key_value_heads},
             activations_replicated=4 * c.hidden_size,
             activations_split=split,
             matmul_params=c.num_hidden_layers * block + c.hidden_size * c.vocab_size,
@@ -91,10 +95,11 @@ class DecoderFamily:
     def init_parameter(
         self, name: str, shape: torch.Size, model_config: Any, generator: torch.Generator
     ) -> torch.Tensor:
-        # Hugging Face's init for these models: N(0, initializer_range) for linears and the
-        # embedding, ones for the RMSNorm weights, zero biases and padding row.
+        # Hugging Face's init for these models (PreTrainedModel._init_weights): N(0,
+        # initializer_range) for linears and the embedding, zero biases and padding row, RMSNorm
+        # weights ones (zeros for Gemma's (1 + weight) norms).
         if name.endswith("norm.weight"):
-            return torch.ones(shape)
+            return torch.full(shape, self.spec.norm_weight)
         if name.endswith(".bias"):
             return torch.zeros(shape)
         value = torch.empty(shape).normal_(0.0, model_config.initializer_range, generator=generator)
@@ -103,8 +108,15 @@ class DecoderFamily:
         return value
 
     def init_buffers(self, stage: nn.Module) -> None:
-        # After to_empty() the rotary inv_freq buffer holds garbage: recompute it.
+        # After to_empty() the rotary inv_freq buffer (and Gemma's embedding scale) hold garbage:
+        # recompute them.
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        embedding = getattr(stage.model, "embed_tokens", None)
+        if hasattr(embedding, "embed_scale"):  # sqrt(hidden_size), a float32 scalar
+            embedding.embed_scale = torch.tensor(
+                embedding.scalar_embed_scale, device=embedding.embed_scale.device
+            )
 
         rotary = stage.model.rotary_emb
         init = (

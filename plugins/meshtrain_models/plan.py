@@ -1,27 +1,44 @@
 """The StagePlan of a LLaMA-layout decoder stage.
 
-Tensor parallel is Megatron-style: q/k/v/gate/up split column-wise (output features), o/down
-row-wise (input features), so each block needs one all-reduce forward and one backward. The
-embedding is split over the vocabulary and the head column-wise with vocab-sharded logits, so the
-loss runs under `loss_parallel` and no rank ever holds full-vocabulary logits. Per-head norms of q
-and k (Qwen3) see only the local heads: their weights are replicated and their gradients summed
-over tp. FSDP units and activation-checkpoint units are the decoder blocks.
+Tensor parallel is Megatron-style: q/k/v/gate/up split column-wise (output features, biases with
+them), o/down row-wise (input features), so each block needs one all-reduce forward and one
+backward. Key/value projections go through `KeyValueParallel`: split like q when tp divides the
+key/value heads, replicated when there are fewer key/value heads than tp ranks (multi-query
+attention), each rank then computing only the head its query heads use; `AttentionHeads` gives
+the attention the matching head counts. Phi-3's fused projections ([Q | K | V], [gate | up]) go
+through `FusedColwiseParallel`, which hands each rank its part of every block. The embedding is
+split over the vocabulary (scaled by sqrt(hidden) where the model's embedding does so, as
+Gemma's) and the head column-wise with vocab-sharded logits, so the loss runs under
+`loss_parallel` and no rank ever holds full-vocabulary logits. Per-head norms of q and k (Qwen3)
+see only the local heads: their weights are replicated and their gradients summed over tp. FSDP
+units and activation-checkpoint units are the decoder blocks.
 """
 
 from __future__ import annotations
 
+import copy
+from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
+    ParallelStyle,
     PrepareModuleInput,
     RowwiseParallel,
     SequenceParallel,
 )
 
-from meshtrain.api import StagePlan, VocabParallelEmbedding
+from meshtrain.api import (
+    FusedColwiseParallel,
+    KeyValueParallel,
+    StagePlan,
+    VocabParallelEmbedding,
+    local_kv_groups,
+)
 
 
 def build_plan(stage: nn.Module, *, sequence_parallel: bool, head_norms: bool) -> StagePlan:
@@ -30,9 +47,12 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, head_norms: bool) -
     # Under sequence parallel, activations between blocks are sharded over the sequence (dim 1).
     between = Shard(1) if sequence_parallel else Replicate()
     if stage.first:
-        tp["model.embed_tokens"] = VocabParallelEmbedding(output_layout=between)
+        embedding = stage.model.embed_tokens
+        style = ScaledVocabParallelEmbedding if hasattr(embedding, "embed_scale") else None
+        tp["model.embed_tokens"] = (style or VocabParallelEmbedding)(output_layout=between)
     for prefix in blocks:
-        tp.update(_block(prefix, between))
+        attention = stage.get_submodule(f"{prefix}.self_attn")
+        tp.update(_block(prefix, between, attention, sequence_parallel))
         if head_norms:  # (B, T, heads, head_dim): the local heads are a shard of dim 2
             for norm in ("q_norm", "k_norm"):
                 tp[f"{prefix}.self_attn.{norm}"] = SequenceParallel(
@@ -49,15 +69,41 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, head_norms: bool) -
     return StagePlan(tp=tp, fsdp_units=blocks, ac_units=blocks)
 
 
-def _block(prefix: str, between: Any) -> dict[str, Any]:
-    return {
-        f"{prefix}.self_attn.q_proj": ColwiseParallel(),
-        f"{prefix}.self_attn.k_proj": ColwiseParallel(),
-        f"{prefix}.self_attn.v_proj": ColwiseParallel(),
+def _block(
+    prefix: str, between: Any, attention: nn.Module, sequence_parallel: bool
+) -> dict[str, Any]:
+    heads = attention.config.num_attention_heads
+    kv_heads = attention.config.num_key_value_heads
+    # hidden_states arrives as a keyword: under sequence parallel, gather it before q/k/v.
+    gather = PrepareModuleInput(
+        input_kwarg_layouts={"hidden_states": Shard(1)},
+        desired_input_kwarg_layouts={"hidden_states": Replicate()},
+    )
+    styles = {
+        f"{prefix}.self_attn": AttentionHeads(
+            heads, kv_heads, gather if sequence_parallel else None
+        ),
         f"{prefix}.self_attn.o_proj": RowwiseParallel(output_layouts=between),
+        f"{prefix}.mlp.down_proj": RowwiseParallel(output_layouts=between),
+    }
+    if hasattr(attention, "qkv_proj"):  # Phi-3: [Q | K | V] and [gate | up] in one Linear each
+        width = attention.head_dim
+        intermediate = attention.config.intermediate_size
+        styles[f"{prefix}.self_attn.qkv_proj"] = FusedColwiseParallel(
+            ((heads, width), (kv_heads, width), (kv_heads, width))
+        )
+        styles[f"{prefix}.mlp.gate_up_proj"] = FusedColwiseParallel(
+            ((intermediate, 1), (intermediate, 1))
+        )
+        return styles
+    key_value = KeyValueParallel(heads, kv_heads, attention.head_dim)
+    return {
+        **styles,
+        f"{prefix}.self_attn.q_proj": ColwiseParallel(),
+        f"{prefix}.self_attn.k_proj": key_value,
+        f"{prefix}.self_attn.v_proj": key_value,
         f"{prefix}.mlp.gate_proj": ColwiseParallel(),
         f"{prefix}.mlp.up_proj": ColwiseParallel(),
-        f"{prefix}.mlp.down_proj": RowwiseParallel(output_layouts=between),
     }
 
 
@@ -65,12 +111,48 @@ def _sequence_parallel(prefix: str) -> dict[str, Any]:
     return {
         f"{prefix}.input_layernorm": SequenceParallel(),
         f"{prefix}.post_attention_layernorm": SequenceParallel(),
-        # hidden_states arrives as a keyword: gather the sequence before q/k/v.
-        f"{prefix}.self_attn": PrepareModuleInput(
-            input_kwarg_layouts={"hidden_states": Shard(1)},
-            desired_input_kwarg_layouts={"hidden_states": Replicate()},
-        ),
         f"{prefix}.mlp": PrepareModuleInput(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         ),
     }
+
+
+class AttentionHeads(ParallelStyle):
+    """On a transformers attention module: sets `num_key_value_groups` (query heads per key/value
+    head, which `repeat_kv` and sdpa's GQA use) to what each tp rank holds, which differs from the
+    model's when key/value projections are replicated (`KeyValueParallel`), and Phi-3's local
+    head counts. Then applies `inner` (the sequence-parallel input gather), if any."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, inner: ParallelStyle | None = None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.inner = num_heads, num_kv_heads, inner
+
+    def shard_dims(self, module: nn.Module, tp: int) -> dict[str, int]:
+        return {}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        tp = device_mesh.size()
+        module.num_key_value_groups = local_kv_groups(self.num_heads, self.num_kv_heads, tp)
+        if hasattr(module, "qkv_proj"):
+            # Phi-3 cuts its fused q/k/v output at config.num_attention_heads and
+            # self.num_key_value_heads: give it this rank's counts (its own config copy).
+            module.config = copy.copy(module.config)
+            module.config.num_attention_heads = self.num_heads // tp
+            module.num_key_value_heads = module.config.num_attention_heads // (
+                module.num_key_value_groups
+            )
+        return self.inner._apply(module, device_mesh) if self.inner else module
+
+
+class ScaledVocabParallelEmbedding(VocabParallelEmbedding):
+    """VocabParallelEmbedding for an embedding whose own forward multiplies its output by
+    `embed_scale` in the weight's dtype (Gemma's sqrt(hidden_size)): it keeps doing so."""
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        module = super()._apply(module, device_mesh)
+        module.forward = partial(_scaled, module, module.forward)
+        return module
+
+
+def _scaled(module: nn.Module, lookup: Any, ids: torch.Tensor) -> torch.Tensor:
+    return lookup(ids) * module.embed_scale.to(module.weight.dtype)  # as transformers does

@@ -3,6 +3,10 @@
 A stage holds a slice of decoder layers (`model.layers.<i>`), the embedding if it is first and the
 final norm + head if it is last. Every stage computes the rotary embeddings itself, so only hidden
 states (B, T, C) travel between stages.
+
+Attention is sdpa, causal by itself without a mask. A layer with a sliding window (Mistral's
+`sliding_window`, Qwen2's sliding layers) shorter than the sequence gets the boolean mask
+transformers builds for it: query i sees keys i - window < j <= i.
 """
 
 from __future__ import annotations
@@ -35,9 +39,31 @@ class DecoderStage(nn.Module):
         h = self.model.embed_tokens(x) if self.first else x  # (B, T, C)
         positions = torch.arange(seq_len, device=h.device).unsqueeze(0)  # (1, T)
         rotary = self.model.rotary_emb(h, positions)  # cos, sin: (1, T, head_dim)
+        masks: dict[int | None, torch.Tensor | None] = {}
         for layer in self.model.layers.values():
-            # No mask: sdpa attention is causal by itself (eager attention is not).
-            h = layer(h, position_embeddings=rotary, position_ids=positions)
+            window = sliding_window(layer.self_attn)
+            if window not in masks:
+                masks[window] = causal_mask(seq_len, window, h.device)
+            h = layer(
+                h, attention_mask=masks[window], position_embeddings=rotary, position_ids=positions
+            )
         if self.last:
             h = self.lm_head(self.model.norm(h))  # (B, T, V), vocab-sharded under tp
         return h
+
+
+def sliding_window(attention: nn.Module) -> int | None:
+    """The attention's window: Qwen2/Qwen3 set it per layer, Mistral reads its config."""
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window
+    return getattr(attention.config, "sliding_window", None)
+
+
+def causal_mask(seq_len: int, window: int | None, device: torch.device) -> torch.Tensor | None:
+    """None (sdpa's own causal mask) unless `window` is shorter than the sequence; then the
+    (T, T) boolean sliding-window mask, True where a query may attend."""
+    if window is None or seq_len <= window:
+        return None
+    query = torch.arange(seq_len, device=device).unsqueeze(1)  # (T, 1)
+    key = torch.arange(seq_len, device=device).unsqueeze(0)  # (1, T)
+    return (key <= query) & (key > query - window)  # (T, T)
