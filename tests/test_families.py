@@ -27,15 +27,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from meshtrain.cli import main
-from meshtrain.contracts import Batch, DataContext
+from tests.hf_reference import GLOBAL_BATCH, SEQ_LEN, VOCAB, global_batches, hf_logits_and_loss
 from tests.spawn import run_world
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL = 1e-5
-GLOBAL_BATCH, SEQ_LEN, VOCAB, STEPS = 4, 32, 512, 5
+STEPS = 5
 SHARED = {
     "vocab_size": VOCAB,
     "hidden_size": 64,
@@ -121,35 +120,6 @@ def write_config(path: Path, folder: Path) -> Path:
         '[checkpoint]\nevery = 0\nresume = "never"\n'
     )
     return path
-
-
-def global_batches(count: int) -> list[Batch]:
-    """The first `count` global batches the synthetic source gives every layout."""
-    from meshtrain.plugins import Plugins
-
-    source = Plugins().get("data_sources", "synthetic", "data.source")
-    ctx = DataContext(
-        seq_len=SEQ_LEN,
-        micro_batch_size=GLOBAL_BATCH,
-        grad_acc=1,
-        dp=1,
-        dp_rank=0,
-        seed=0,
-        vocab_size=VOCAB,
-        run_dir=Path("."),
-        cache_dir=Path("."),
-    )
-    stream = source.open(source.config_class(), ctx)
-    return [stream.next_batch() for _ in range(count)]
-
-
-def hf_logits_and_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, float]:
-    """transformers' logits and its own causal-LM loss on the batch's labels as given."""
-    with torch.no_grad():
-        out = model(input_ids=batch.inputs, labels=batch.labels, shift_labels=batch.labels)
-    mean = F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten())
-    assert torch.allclose(out.loss, mean, rtol=1e-6)
-    return out.logits, float(out.loss)
 
 
 # ---------------------------------------------------------------- without a process group

@@ -18,15 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from meshtrain.cli import main
-from meshtrain.contracts import Batch, DataContext
 from meshtrain.errors import UserError
+from tests.hf_reference import SEQ_LEN, VOCAB, global_batches, hf_logits_and_loss
 from tests.spawn import run_world
 
 RTOL = 1e-5
-GLOBAL_BATCH, SEQ_LEN, VOCAB = 4, 32, 512
 LAYOUT = [
     "parallel.dp=2",
     "parallel.pp=2",
@@ -81,36 +79,6 @@ def write_config(path: Path, folder: Path, family: str) -> Path:
         '[checkpoint]\nevery = 1\nkeep = 5\nresume = "never"\n'
     )
     return path
-
-
-def global_batches(count: int) -> list[Batch]:
-    """The first `count` global batches (GLOBAL_BATCH rows of SEQ_LEN), from the data plugin."""
-    from meshtrain.plugins import Plugins
-
-    source = Plugins().get("data_sources", "synthetic", "data.source")
-    ctx = DataContext(
-        seq_len=SEQ_LEN,
-        micro_batch_size=GLOBAL_BATCH,
-        grad_acc=1,
-        dp=1,
-        dp_rank=0,
-        seed=0,
-        vocab_size=VOCAB,
-        run_dir=Path("."),
-        cache_dir=Path("."),
-    )
-    stream = source.open(source.config_class(), ctx)
-    return [stream.next_batch() for _ in range(count)]
-
-
-def hf_logits_and_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, float]:
-    """transformers' logits (B, T, V) and its own causal-LM loss on the batch's labels as given
-    (`shift_labels`: not shifted again), the mean CE over every target token, as meshtrain's."""
-    with torch.no_grad():
-        out = model(input_ids=batch.inputs, labels=batch.labels, shift_labels=batch.labels)
-    mean = F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten())
-    assert torch.allclose(out.loss, mean, rtol=1e-6)  # the loss meshtrain means
-    return out.logits, float(out.loss)
 
 
 @pytest.fixture(scope="module")
