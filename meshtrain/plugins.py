@@ -7,6 +7,7 @@ never imports them. A catalog maps a name (what the TOML writes) to its provider
 from __future__ import annotations
 
 import importlib.metadata
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,8 +83,10 @@ class Plugins:
         return catalog[name][0]
 
     def module_names(self) -> list[str]:
-        """Import names of the loaded plugin modules (for preloading in worker processes)."""
-        return sorted({getattr(p, "__name__", "") for p in self.pm.get_plugins()} - {""})
+        """Import names of the loaded plugin modules and of their submodules imported so far
+        (plugins load their heavy parts on first use), for preloading in worker processes."""
+        roots = {getattr(p, "__name__", "") for p in self.pm.get_plugins()} - {""}
+        return sorted(name for name in list(sys.modules) if name.split(".")[0] in roots)
 
     def describe(self) -> list[PluginInfo]:
         """Every registered plugin with its distribution, hooks and provided names."""

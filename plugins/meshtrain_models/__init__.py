@@ -10,40 +10,50 @@ Found by the core through the entry point `meshtrain_models = "meshtrain_models"
 
 from __future__ import annotations
 
-from transformers import (
-    GemmaConfig,
-    GemmaForCausalLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Phi3Config,
-    Phi3ForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from typing import Any
 
 from meshtrain.api import hookimpl
-from meshtrain_models.family import DecoderFamily, Spec
 
 __version__ = "0.1.0"
 
-FAMILIES = {
-    "llama": Spec(LlamaConfig, LlamaForCausalLM, model_types=("llama",)),
-    "qwen3": Spec(Qwen3Config, Qwen3ForCausalLM, model_types=("qwen3",), head_norms=True),
+FAMILIES: dict[str, dict[str, Any]] = {
+    "llama": {"prefix": "Llama", "model_types": ("llama",)},
+    "qwen3": {"prefix": "Qwen3", "model_types": ("qwen3",), "head_norms": True},
     # Sliding-window attention where the window is shorter than train.seq_len (stage.py).
-    "mistral": Spec(MistralConfig, MistralForCausalLM, model_types=("mistral",)),
+    "mistral": {"prefix": "Mistral", "model_types": ("mistral",)},
     # q/k/v biases (split with their weights); optional sliding-window layers.
-    "qwen2": Spec(Qwen2Config, Qwen2ForCausalLM, model_types=("qwen2",)),
+    "qwen2": {"prefix": "Qwen2", "model_types": ("qwen2",)},
     # Embedding scaled by sqrt(hidden_size), (1 + weight) norms, often one key/value head.
-    "gemma": Spec(GemmaConfig, GemmaForCausalLM, model_types=("gemma",), norm_weight=0.0),
+    "gemma": {"prefix": "Gemma", "model_types": ("gemma",), "norm_weight": 0.0},
     # Fused qkv_proj [Q | K | V] and gate_up_proj [gate | up]; a sliding window.
-    "phi3": Spec(Phi3Config, Phi3ForCausalLM, model_types=("phi3",)),
+    "phi3": {"prefix": "Phi3", "model_types": ("phi3",)},
 }
+"""Each family: the transformers classes <prefix>Config and <prefix>ForCausalLM, and its Spec."""
+
+
+class LazyFamily:
+    """A catalog entry that costs nothing to list (`meshtrain plugins`, config checks that stop
+    before the model): torch, transformers and the `DecoderFamily` load on first use."""
+
+    def __init__(self, prefix: str, model_types: tuple[str, ...], **spec: Any):
+        self.model_types = model_types
+        self._prefix, self._spec, self._family = prefix, spec, None
+
+    def __getattr__(self, attr: str) -> Any:  # only for what the entry itself lacks
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        if self._family is None:
+            import transformers
+
+            from meshtrain_models.family import DecoderFamily, Spec
+
+            config_class = getattr(transformers, f"{self._prefix}Config")
+            model_class = getattr(transformers, f"{self._prefix}ForCausalLM")
+            spec = Spec(config_class, model_class, model_types=self.model_types, **self._spec)
+            self._family = DecoderFamily(spec)
+        return getattr(self._family, attr)
 
 
 @hookimpl
-def model_families() -> dict[str, DecoderFamily]:
-    return {name: DecoderFamily(spec) for name, spec in FAMILIES.items()}
+def model_families() -> dict[str, LazyFamily]:
+    return {name: LazyFamily(**entry) for name, entry in FAMILIES.items()}
