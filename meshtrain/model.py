@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshtrain.contracts import StagePlan
 from meshtrain.grads import GradState, Tie
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, pp_pair_groups
@@ -29,11 +28,8 @@ class ParallelModel:
     """This rank's stage modules, in the schedule's placement order."""
     stage_ids: list[int]
     num_stages: int
-    plans: list[StagePlan]
     grads: GradState
     """This rank's unique parameters and how to finish their gradients."""
-    names: list[str]
-    """Stage parameter names of `grads.params`."""
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -93,9 +89,7 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
         stages=stages,
         stage_ids=ids,
         num_stages=job.num_stages,
-        plans=plans,
         grads=grads,
-        names=names,
     )
 
 
