@@ -28,6 +28,7 @@ from meshtrain.errors import ConfigError, UserError, suggest
 from meshtrain.hub import hub_offline, hub_problem, looks_like_hub_id, offline_error, require_hub
 
 _LAZY = {
+    "ChannelShardedNorm": "meshtrain.tensor_parallel",
     "FusedColwiseParallel": "meshtrain.tensor_parallel",
     "KeyValueParallel": "meshtrain.tensor_parallel",
     "VocabParallelEmbedding": "meshtrain.tensor_parallel",

@@ -72,6 +72,27 @@ def _lookup(
     return summed.to_local()
 
 
+class ChannelShardedNorm(ParallelStyle):
+    """A norm over the last dim of a column-parallel output (OLMo2's RMSNorm over a whole q or k
+    projection): its weight is Shard(0) like the channels it scales, and its input is read as
+    Shard(-1), so DTensor sums the statistics over tp before normalising each rank's channels."""
+
+    def shard_dims(self, module: nn.Module, tp: int) -> dict[str, int]:
+        return {"weight": 0}
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        weight = distribute_tensor(module.weight, device_mesh, [Shard(0)], src_data_rank=None)
+        module.register_parameter("weight", nn.Parameter(weight))
+        module.register_forward_pre_hook(partial(_as_channel_shards, device_mesh))
+        module.register_forward_hook(lambda _module, _args, out: out.to_local())
+        return module
+
+
+def _as_channel_shards(mesh: DeviceMesh, module: nn.Module, args: tuple) -> tuple:
+    (x,) = args  # (B, T, channels / tp), this rank's channels
+    return (DTensor.from_local(x, mesh, [Shard(x.dim() - 1)], run_check=False),)
+
+
 class KeyValueParallel(ParallelStyle):
     """A key or value projection (`nn.Linear` with num_kv_heads * head_dim outputs) beside
     column-parallel queries, for any tp that divides num_heads and divides or is a multiple of

@@ -18,7 +18,9 @@ __version__ = "0.1.0"
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"prefix": "Llama", "model_types": ("llama",)},
-    "qwen3": {"prefix": "Qwen3", "model_types": ("qwen3",), "head_norms": True},
+    "qwen3": {"prefix": "Qwen3", "model_types": ("qwen3",), "qk_norms": "head"},
+    # Post-norm blocks; q/k RMSNorms over the whole projection, split over tp.
+    "olmo2": {"prefix": "Olmo2", "model_types": ("olmo2",), "qk_norms": "projection"},
     # Sliding-window attention where the window is shorter than train.seq_len (stage.py).
     "mistral": {"prefix": "Mistral", "model_types": ("mistral",)},
     # q/k/v biases (split with their weights); optional sliding-window layers.

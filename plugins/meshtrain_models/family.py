@@ -26,8 +26,9 @@ class Spec:
     config_class: type
     model_class: type
     model_types: tuple[str, ...]
-    head_norms: bool = False
-    """q_norm / k_norm over each head (Qwen3)."""
+    qk_norms: str = ""
+    """RMSNorms on q and k: "head" (over each head: Qwen3), "projection" (over all heads of the
+    projection: OLMo2) or "" (none)."""
     norm_weight: float = 1.0
     """Initial RMSNorm weight: 1, or 0 where the norm multiplies by (1 + weight) (Gemma)."""
 
@@ -53,11 +54,13 @@ class DecoderFamily:
 
     def shape(self, c: Any) -> ModelShape:
         head_dim = head_dim_of(c)
+        kv_heads = {"model.num_key_value_heads": c.num_key_value_heads}
+        projection_norms = self.spec.qk_norms == "projection"
         q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
         block = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
         # Kept for backward per token: the residual around both norms (4 x hidden); q, k, v,
         # the attention output, gate, up, silu(gate), silu(gate) * up (+ normed q, k).
-        split = 2 * q + 2 * kv + 4 * c.intermediate_size + (q + kv) * self.spec.head_norms
+        split = 2 * q + 2 * kv + 4 * c.intermediate_size + (q + kv) * bool(self.spec.qk_norms)
         return ModelShape(
             num_layers=c.num_hidden_layers,
             hidden_size=c.hidden_size,
@@ -71,9 +74,11 @@ class DecoderFamily:
                 "model.num_attention_heads": c.num_attention_heads,
                 "model.vocab_size": c.vocab_size,
                 "model.intermediate_size": c.intermediate_size,
+                **(kv_heads if projection_norms else {}),
             },
-            # Fewer key/value heads than tp ranks are replicated (KeyValueParallel).
-            tp_divisible_or_multiple={"model.num_key_value_heads": c.num_key_value_heads},
+            # Fewer key/value heads than tp ranks are replicated (KeyValueParallel), except
+            # under a norm over the whole k projection, which needs every rank's share.
+            tp_divisible_or_multiple={} if projection_norms else kv_heads,
             activations_replicated=4 * c.hidden_size,
             activations_split=split,
             matmul_params=c.num_hidden_layers * block + c.hidden_size * c.vocab_size,
@@ -88,9 +93,7 @@ class DecoderFamily:
         return DecoderStage(model, layers, first=first, last=last, sequence_shards=sequence_shards)
 
     def plan(self, stage: nn.Module, *, sequence_parallel: bool) -> StagePlan:
-        return build_plan(
-            stage, sequence_parallel=sequence_parallel, head_norms=self.spec.head_norms
-        )
+        return build_plan(stage, sequence_parallel=sequence_parallel, qk_norms=self.spec.qk_norms)
 
     def init_parameter(
         self, name: str, shape: torch.Size, model_config: Any, generator: torch.Generator

@@ -33,6 +33,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from meshtrain.api import (
+    ChannelShardedNorm,
     FusedColwiseParallel,
     KeyValueParallel,
     StagePlan,
@@ -41,7 +42,7 @@ from meshtrain.api import (
 )
 
 
-def build_plan(stage: nn.Module, *, sequence_parallel: bool, head_norms: bool) -> StagePlan:
+def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> StagePlan:
     blocks = tuple(f"model.layers.{name}" for name in stage.model.layers)
     tp: dict[str, Any] = {}
     # Under sequence parallel, activations between blocks are sharded over the sequence (dim 1).
@@ -53,13 +54,16 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, head_norms: bool) -
     for prefix in blocks:
         attention = stage.get_submodule(f"{prefix}.self_attn")
         tp.update(_block(prefix, between, attention, sequence_parallel))
-        if head_norms:  # (B, T, heads, head_dim): the local heads are a shard of dim 2
-            for norm in ("q_norm", "k_norm"):
-                tp[f"{prefix}.self_attn.{norm}"] = SequenceParallel(
-                    sequence_dim=2, use_local_output=True
-                )
+        for norm in ("q_norm", "k_norm") if qk_norms else ():
+            # Qwen3: (B, T, heads, head_dim), the local heads a shard of dim 2; OLMo2: over the
+            # whole projection (B, T, heads * head_dim), whose statistics span every tp rank.
+            tp[f"{prefix}.self_attn.{norm}"] = (
+                SequenceParallel(sequence_dim=2, use_local_output=True)
+                if qk_norms == "head"
+                else ChannelShardedNorm()
+            )
         if sequence_parallel:
-            tp.update(_sequence_parallel(prefix))
+            tp.update(_sequence_parallel(stage.get_submodule(prefix), prefix))
     if stage.last:
         if sequence_parallel:
             tp["model.norm"] = SequenceParallel()
@@ -107,10 +111,17 @@ def _block(
     }
 
 
-def _sequence_parallel(prefix: str) -> dict[str, Any]:
+def _sequence_parallel(layer: nn.Module, prefix: str) -> dict[str, Any]:
+    # The norms on the residual stream: pre-norm (LLaMA) or post-norm (OLMo2) blocks. A post-norm
+    # output is added to the residual (a local shard) at once, so it must be local too.
+    norms = ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
+    local = hasattr(layer, "post_feedforward_layernorm")
     return {
-        f"{prefix}.input_layernorm": SequenceParallel(),
-        f"{prefix}.post_attention_layernorm": SequenceParallel(),
+        **{
+            f"{prefix}.{n}": SequenceParallel(use_local_output=local)
+            for n in norms
+            if hasattr(layer, n)
+        },
         f"{prefix}.mlp": PrepareModuleInput(
             input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
         ),
