@@ -84,6 +84,12 @@ FAMILIES = {
         },
         True,
     ),
+    # Pythia's layout: per-head fused qkv with biases, LayerNorms, parallel residual, rotary on
+    # a quarter of each head (16 / 4 = 4 dims), untied head saved as embed_out.
+    "gpt_neox": (
+        {"rotary_pct": 0.25, "use_parallel_residual": True, "tie_word_embeddings": False},
+        True,
+    ),
 }
 
 
@@ -96,6 +102,7 @@ def model_class(family: str) -> type:
         "gemma": transformers.GemmaForCausalLM,
         "olmo2": transformers.Olmo2ForCausalLM,
         "phi3": transformers.Phi3ForCausalLM,
+        "gpt_neox": transformers.GPTNeoXForCausalLM,
     }[family]
 
 
@@ -182,6 +189,39 @@ def test_split_stages_equal_transformers(family, num_stages):
             assert not torch.allclose(unmasked(ids).logits, want, atol=1e-3)
 
 
+def test_gpt_neox_sequential_residual_and_pythia_config_keys(tmp_path):
+    """The sequential residual (use_parallel_residual = false) splits like the parallel one, and
+    a Pythia config.json's own names (rotary_pct, rotary_emb_base) reach the rotary embedding."""
+    from meshtrain.pipeline import partition_layers
+
+    folder = tmp_path / "pythia"
+    folder.mkdir()
+    pythia = {**SHARED, "model_type": "gpt_neox", "rotary_pct": 0.5, "rotary_emb_base": 500}
+    (folder / "config.json").write_text(json.dumps({**pythia, "use_parallel_residual": False}))
+    config, problems = parse("gpt_neox", {}, name=str(folder))
+    assert problems == []
+    assert config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert config.rope_parameters["rope_theta"] == 500
+    assert config.use_parallel_residual is False
+    rotary_dims = 16 // 2  # head_dim 16, half of it rotated
+    inv_freq = 1.0 / 500 ** (torch.arange(0, rotary_dims, 2).float() / rotary_dims)
+    impl = family_of("gpt_neox")
+    model = impl.build(config)
+    torch.testing.assert_close(model.gpt_neox.rotary_emb.inv_freq, inv_freq)
+    reference = random_model(
+        "gpt_neox", use_parallel_residual=False, rotary_pct=0.5, rotary_emb_base=500
+    )
+    model.load_state_dict(reference.state_dict())
+    stages = [
+        impl.split(model, r, first=i == 0, last=i == 1, sequence_shards=1).eval()
+        for i, r in enumerate(partition_layers(4, 2))
+    ]
+    ids = torch.randint(0, VOCAB, (2, SEQ_LEN))
+    with torch.no_grad():
+        got = stages[1](stages[0](ids))
+        torch.testing.assert_close(got, reference(ids).logits, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_init_is_transformers_init(family):
     """init_parameter: what transformers' `_init_weights` sets exactly (norm weights 1, Gemma's
@@ -206,6 +246,9 @@ def test_init_is_transformers_init(family):
         assert not reference.model.norm.weight.any()  # (1 + w): transformers starts at 0
     if family == "qwen2":
         assert reference.model.layers[0].self_attn.k_proj.bias is not None
+    if family == "gpt_neox":  # LayerNorm biases start at 0, weights at 1
+        norm = reference.gpt_neox.layers[0].input_layernorm
+        assert not norm.bias.any() and bool((norm.weight == 1).all())
 
 
 def test_key_value_heads_tp_may_divide_or_be_a_multiple(tmp_path, capsys):
@@ -291,6 +334,7 @@ RUNS = {  # (family, run) -> overrides; the world is dp * pp * tp
     ("gemma", "tp2-sp"): layout(tp=2, sp=True),
     ("phi3", "tp2-sp"): layout(tp=2, sp=True),
     ("olmo2", "tp2-sp"): layout(tp=2, sp=True),
+    ("gpt_neox", "tp2-sp"): layout(tp=2, sp=True),
     **{
         (f, "dp2-pp2-tp2"): [*layout(2, 2, 2), "checkpoint.every=4", "checkpoint.keep=2"]
         for f in FAMILIES
@@ -368,7 +412,7 @@ def test_export_of_trained_model_gives_meshtrain_numbers(worlds, tmp_path, famil
     model = AutoModelForCausalLM.from_pretrained(exported)
     assert type(model) is model_class(family)
     tied = FAMILIES[family][0]["tie_word_embeddings"]
-    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
     batch = global_batches(5)[4]
     logits, got = hf_logits_and_loss(model, batch)
     want = history[4]["loss"]

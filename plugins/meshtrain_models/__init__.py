@@ -1,7 +1,8 @@
 """meshtrain_models: the built-in model families, each over its transformers model class.
 
     [model]
-    family = "llama"                     # qwen3, mistral, qwen2, gemma, phi3; "auto": model.name's
+    family = "auto"                      # model.name's model_type; or llama, qwen3, mistral,
+                                         # qwen2, gemma, olmo2, phi3, gpt_neox
     name = "HuggingFaceTB/SmolLM-1.7B"   # or a local folder with config.json, or nothing
     num_hidden_layers = 5                # any key of the family's transformers config
 
@@ -29,17 +30,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma": {"prefix": "Gemma", "model_types": ("gemma",), "norm_weight": 0.0},
     # Fused qkv_proj [Q | K | V] and gate_up_proj [gate | up]; a sliding window.
     "phi3": {"prefix": "Phi3", "model_types": ("phi3",)},
+    # Not LLaMA-shaped (neox.py): per-head fused qkv, LayerNorms with biases, parallel residual,
+    # partial rotary; Pythia's config.json names rotary_pct / rotary_emb_base.
+    "gpt_neox": {
+        "prefix": "GPTNeoX",
+        "model_types": ("gpt_neox",),
+        "layout": "neox",
+        "extra_keys": ("rotary_pct", "rotary_emb_base"),
+    },
 }
-"""Each family: the transformers classes <prefix>Config and <prefix>ForCausalLM, and its Spec."""
+"""Each family: the transformers classes <prefix>Config and <prefix>ForCausalLM, its layout
+("llama": family.py, "neox": neox.py) and the rest of its Spec."""
 
 
 class LazyFamily:
     """A catalog entry that costs nothing to list (`meshtrain plugins`, config checks that stop
     before the model): torch, transformers and the `DecoderFamily` load on first use."""
 
-    def __init__(self, prefix: str, model_types: tuple[str, ...], **spec: Any):
+    def __init__(
+        self, prefix: str, model_types: tuple[str, ...], layout: str = "llama", **spec: Any
+    ):
         self.model_types = model_types
-        self._prefix, self._spec, self._family = prefix, spec, None
+        self._prefix, self._layout, self._spec, self._family = prefix, layout, spec, None
 
     def __getattr__(self, attr: str) -> Any:  # only for what the entry itself lacks
         if attr.startswith("_"):
@@ -48,11 +60,12 @@ class LazyFamily:
             import transformers
 
             from meshtrain_models.family import DecoderFamily, Spec
+            from meshtrain_models.neox import NeoxFamily
 
             config_class = getattr(transformers, f"{self._prefix}Config")
             model_class = getattr(transformers, f"{self._prefix}ForCausalLM")
             spec = Spec(config_class, model_class, model_types=self.model_types, **self._spec)
-            self._family = DecoderFamily(spec)
+            self._family = {"llama": DecoderFamily, "neox": NeoxFamily}[self._layout](spec)
         return getattr(self._family, attr)
 
 

@@ -1,5 +1,5 @@
 """A model family over a Hugging Face decoder class with the LLaMA layout (Llama, Qwen3, Mistral,
-Qwen2, Gemma, Phi-3).
+Qwen2, Gemma, Phi-3); GPT-NeoX (neox.py) builds on it.
 
 One `DecoderFamily` per architecture, configured by a `Spec`: the transformers config and model
 classes, the `model_type`s it accepts and what its blocks hold beyond LLaMA's.
@@ -31,6 +31,8 @@ class Spec:
     projection: OLMo2) or "" (none)."""
     norm_weight: float = 1.0
     """Initial RMSNorm weight: 1, or 0 where the norm multiplies by (1 + weight) (Gemma)."""
+    extra_keys: tuple[str, ...] = ()
+    """`[model]` / config.json keys the config class takes but does not keep (legacy names)."""
 
 
 class DecoderFamily:
@@ -50,6 +52,7 @@ class DecoderFamily:
             name=name,
             trust_remote_code=trust_remote_code,
             where=where,
+            extra_keys=self.spec.extra_keys,
         )
 
     def shape(self, c: Any) -> ModelShape:
@@ -113,23 +116,13 @@ class DecoderFamily:
     def init_buffers(self, stage: nn.Module) -> None:
         # After to_empty() the rotary inv_freq buffer (and Gemma's embedding scale) hold garbage:
         # recompute them.
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
         embedding = getattr(stage.model, "embed_tokens", None)
         if hasattr(embedding, "embed_scale"):  # sqrt(hidden_size), a float32 scalar
             embedding.embed_scale = torch.tensor(
                 embedding.scalar_embed_scale, device=embedding.embed_scale.device
             )
 
-        rotary = stage.model.rotary_emb
-        init = (
-            rotary.compute_default_rope_parameters
-            if rotary.rope_type == "default"
-            else ROPE_INIT_FUNCTIONS[rotary.rope_type]
-        )
-        inv_freq, rotary.attention_scaling = init(stage.config)
-        rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
-        rotary.original_inv_freq = rotary.inv_freq.clone()
+        reset_rotary(stage.model.rotary_emb, stage.config)
 
     def tied_parameters(self, model_config: Any) -> list[tuple[str, str]]:
         if model_config.tie_word_embeddings:
@@ -138,6 +131,20 @@ class DecoderFamily:
 
     def export(self, model: nn.Module, folder: Path, max_shard_size: str) -> None:
         model.save_pretrained(str(folder), max_shard_size=max_shard_size)
+
+
+def reset_rotary(rotary: nn.Module, config: Any) -> None:
+    """Recompute a transformers rotary embedding's inv_freq buffers for `config`."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    init = (
+        rotary.compute_default_rope_parameters
+        if rotary.rope_type == "default"
+        else ROPE_INIT_FUNCTIONS[rotary.rope_type]
+    )
+    inv_freq, rotary.attention_scaling = init(config)
+    rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
+    rotary.original_inv_freq = rotary.inv_freq.clone()
 
 
 def head_dim_of(c: Any) -> int:

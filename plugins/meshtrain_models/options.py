@@ -31,10 +31,12 @@ def parse_model_config(
     name: str | None,
     trust_remote_code: bool,
     where: str,
+    extra_keys: tuple[str, ...] = (),
 ) -> tuple[Any, list[str]]:
-    """The config from `name`'s config.json (if any) with `options` on top; or the problems."""
+    """The config from `name`'s config.json (if any) with `options` on top; or the problems.
+    `extra_keys`: keys the config class takes without keeping them (legacy names)."""
     defaults = config_class().to_dict()
-    keys = sorted(set(defaults) - SKIPPED | {"rope_theta"})
+    keys = sorted(set(defaults) - SKIPPED | {"rope_theta", *extra_keys})
     section = where.rsplit(": ", 1)[-1]
     problems = [
         f"{where}.{key}: unknown key" + suggest(key, keys).replace("mean ", f"mean {section}.")
