@@ -263,3 +263,50 @@ def test_loss_falls_on_the_offline_corpus(offline_run):
 def test_offline_vocab_too_small_names_the_keys(tmp_path):
     with pytest.raises(UserError, match=r"^data\.vocab_size: model\.vocab_size = 100 "):
         meshtrain_data.data_sources()["offline"].prepare({}, make_ctx(tmp_path, vocab_size=100))
+
+
+def _documents(tokens: np.ndarray, eos: int) -> list[bytes]:
+    """The packed documents of a token cache (each ends with EOS), as raw bytes."""
+    ends = np.flatnonzero(tokens == eos)
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    return [tokens[a : b + 1].tobytes() for a, b in zip(starts, ends, strict=True)]
+
+
+def test_offline_held_out_documents_are_never_trained_on(offline_run):
+    """Every 50th corpus document (eval_share 0.02) is in the held-out cache and nowhere in the
+    training tokens; the rest are all in the training tokens; every evaluation reads the same
+    global batches whatever the dp layout."""
+    import json
+
+    from meshtrain_data.packing import held_out, load_tokens, read_pointer
+    from transformers import AutoTokenizer
+
+    ctx, _ = offline_run
+    pointer = read_pointer(ctx)
+    train = np.asarray(load_tokens(Path(pointer["tokens"])))
+    held = np.asarray(load_tokens(Path(pointer["eval"])))
+    eos = json.loads((Path(pointer["eval"]) / "meta.json").read_text())["eos"]
+    tokenizer = AutoTokenizer.from_pretrained(ctx.run_dir / "tokenizer")
+    corpus = next((ctx.cache_dir / "offline").glob("corpus-*.jsonl"))
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    ids = [i for i in range(len(texts)) if held_out(i, 0.02) and texts[i]]
+    assert len(ids) == len(texts) // 50 > 3 and ids[0] == 49
+    want = [
+        np.asarray(tokenizer(texts[i], add_special_tokens=False)["input_ids"] + [eos], train.dtype)
+        for i in ids
+    ]
+    assert _documents(held, eos) == [w.tobytes() for w in want]
+    trained = train.tobytes()
+    for w in sorted(want, key=len)[-5:]:  # the longest held-out documents: absent from training
+        assert trained.find(w.tobytes()) == -1
+    others = [i for i in range(len(texts)) if not held_out(i, 0.02) and texts[i]]
+    assert len(_documents(train, eos)) == len(others)
+    source = meshtrain_data.data_sources()["offline"]
+    stream = source.open_eval({}, ctx)
+    one = [stream.next_batch() for _ in range(2)]
+    two = global_batches(
+        lambda c: source.open_eval({}, c), dataclasses.replace(ctx, dp=2, micro_batch_size=4), 2
+    )
+    assert all(same(a, b) for a, b in zip(one, two, strict=True))
+    again = source.open_eval({}, ctx).next_batch()  # a new evaluation starts from the start
+    assert same(again, one[0])

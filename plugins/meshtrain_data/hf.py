@@ -8,10 +8,14 @@
 `prepare` tokenizes the split once into the token cache (see `packing`), keyed by the files'
 content hash (or the hub dataset's fingerprint) and the tokenizer's; `open` memory-maps it. With
 `streaming = true`, `prepare` only checks the inputs and each worker tokenizes as it trains.
+
+Held-out data for `[eval]`: `eval_split` / `eval_dataset` when set (packed whole by `prepare`,
+also for streaming runs), else every 1/eval_share-th document of the split, never trained on.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +30,9 @@ from meshtrain_data.packing import (
     load_tokens,
     publish,
     read_pointer,
+    split_documents,
 )
-from meshtrain_data.stream import PackedStream
+from meshtrain_data.stream import PackedStream, open_held_out
 from meshtrain_data.streaming import StreamingStream
 from meshtrain_data.tokenizer import check_tokenizer, fingerprint, load_tokenizer
 
@@ -44,23 +49,45 @@ class HFSource:
         ref = resolve_dataset(opts.dataset)
         tokenizer = load_tokenizer(opts.tokenizer)
         eos = check_tokenizer(tokenizer, ctx.vocab_size)
+        explicit = _explicit_eval(opts)
+        held = _pack_eval(explicit, opts, ctx, tokenizer, eos) if explicit else None
         if opts.streaming:
             _check_stream(ref, opts, ctx)
-            publish(ctx, tokenizer, None, {"streaming": True})
+            publish(ctx, tokenizer, None, {"streaming": True, "eval": held})
             return
+        share = 0.0 if explicit else opts.eval_share
         rows = load_rows(ref, opts, ctx.cache_dir)
         check_column(rows, opts.text_column, opts.dataset)
-        key = content_key(
-            _data_hash(ref, rows), opts.split, opts.name, opts.text_column, fingerprint(tokenizer)
+        parts = [("train", False)] + ([("eval", True)] if share else [])
+        found = {}
+        for part, keep_held_out in parts:
+            key = content_key(
+                _data_hash(ref, rows),
+                opts.split,
+                opts.name,
+                opts.text_column,
+                fingerprint(tokenizer),
+                f"{part}:eval_share={share}",
+            )
+            out = ctx.cache_dir / "tokens" / key
+            texts = _texts(rows, opts.text_column)
+            meta = build_token_cache(
+                split_documents(texts, share, keep_held_out=keep_held_out),
+                tokenizer,
+                eos,
+                out,
+                describe=f"{opts.dataset} ({part})",
+            )
+            if keep_held_out:
+                check_enough(
+                    meta, ctx, f"the held-out share of {opts.dataset!r}", "data.eval_share"
+                )
+            else:
+                check_enough(meta, ctx, repr(opts.dataset))
+            found[part] = out
+        publish(
+            ctx, tokenizer, found["train"], {"streaming": False, "eval": held or found.get("eval")}
         )
-        batches = (
-            b[opts.text_column]
-            for b in rows.select_columns([opts.text_column]).iter(batch_size=BATCH_ROWS)
-        )
-        out = ctx.cache_dir / "tokens" / key
-        meta = build_token_cache(batches, tokenizer, eos, out, describe=opts.dataset)
-        check_enough(meta, ctx, repr(opts.dataset))
-        publish(ctx, tokenizer, out, {"streaming": False})
 
     def open(self, options: Any, ctx: DataContext) -> DataStream:
         opts = as_options(HFOptions, options)
@@ -68,6 +95,61 @@ class HFSource:
         if pointer.get("streaming"):
             return _open_stream(opts, ctx)
         return PackedStream(load_tokens(Path(pointer["tokens"])), ctx, shuffle=opts.shuffle)
+
+    def open_eval(self, options: Any, ctx: DataContext) -> DataStream:
+        opts = as_options(HFOptions, options)
+        why = (
+            "data.eval_split: a streaming run evaluates on eval_split or eval_dataset (set one)"
+            if opts.streaming
+            else "data.eval_share: 0 sets no documents aside for [eval]; set it or eval_split"
+        )
+        return open_held_out(ctx, why)
+
+
+def _texts(rows: Any, column: str) -> Any:
+    return (b[column] for b in rows.select_columns([column]).iter(batch_size=BATCH_ROWS))
+
+
+def _explicit_eval(opts: HFOptions) -> HFOptions | None:
+    """The options that read eval_dataset / eval_split, or None (a share is set aside)."""
+    if not (opts.eval_dataset or opts.eval_split):
+        return None
+    dataset, split = opts.eval_dataset or opts.dataset, opts.eval_split or opts.split
+    if dataset == opts.dataset and split == opts.split:
+        raise UserError(
+            f"data.eval_split: {split!r} of {dataset!r} is the training data; name a held-out "
+            "split (e.g. validation) or eval_dataset"
+        )
+    return replace(
+        opts, dataset=dataset, split=split, name=opts.name if not opts.eval_dataset else ""
+    )
+
+
+def _pack_eval(
+    opts: HFOptions, base: HFOptions, ctx: DataContext, tokenizer: Any, eos: int
+) -> Path:
+    """Tokenize the whole held-out split into the token cache (errors name the eval_ keys)."""
+    try:
+        ref = resolve_dataset(opts.dataset)
+        rows = load_rows(ref, opts, ctx.cache_dir)
+        check_column(rows, opts.text_column, opts.dataset)
+        key = content_key(
+            _data_hash(ref, rows), opts.split, opts.name, opts.text_column, fingerprint(tokenizer)
+        )
+        out = ctx.cache_dir / "tokens" / key
+        meta = build_token_cache(
+            _texts(rows, opts.text_column), tokenizer, eos, out, describe=f"{opts.dataset} (eval)"
+        )
+        check_enough(meta, ctx, repr(opts.dataset))
+    except UserError as err:
+        key = "data.eval_dataset" if base.eval_dataset else "data.eval_split"
+        raise UserError(
+            [
+                p.replace("data.dataset", key).replace("data.split", "data.eval_split")
+                for p in err.problems
+            ]
+        ) from None
+    return out
 
 
 def _data_hash(ref: DatasetRef, rows: Any) -> str:

@@ -4,7 +4,11 @@ Cache layout under `ctx.cache_dir`:
 
     offline/corpus-<python+settings>.jsonl   the corpus (see `corpus`)
     offline/tokenizer-<key>/                 byte-level BPE in Hugging Face format
-    tokens/<key>/                            packed ids (see `packing`)
+    tokens/<key>/                            packed ids (see `packing`): training documents
+    tokens/<key'>/                           the held-out documents, for [eval]
+
+Every 1/eval_share-th document of the corpus (`packing.held_out`) is set aside for evaluation and
+never trained on. The tokenizer is trained on the whole corpus.
 
 The tokenizer key hashes the corpus content, the vocabulary size, the trainer settings and the
 `tokenizers` version, so a second run reuses it instead of training again.
@@ -34,8 +38,9 @@ from meshtrain_data.packing import (
     load_tokens,
     publish,
     read_pointer,
+    split_documents,
 )
-from meshtrain_data.stream import PackedStream
+from meshtrain_data.stream import PackedStream, open_held_out
 from meshtrain_data.tokenizer import (
     BYTE_LEVEL_MIN_VOCAB,
     SPECIAL_TOKENS,
@@ -64,21 +69,37 @@ class OfflineSource:
         tokenizer = load_or_train_tokenizer(ctx.cache_dir, corpus, corpus_hash, vocab)
         eos = check_tokenizer(tokenizer, ctx.vocab_size)
         rows = load_rows(DatasetRef(str(corpus), "json", (corpus,)), HFOptions(), ctx.cache_dir)
-        out = ctx.cache_dir / "tokens" / content_key(corpus_hash, fingerprint(tokenizer))
-        meta = build_token_cache(
-            (b["text"] for b in rows.iter(batch_size=1000)),
-            tokenizer,
-            eos,
-            out,
-            describe="offline corpus",
-        )
-        check_enough(meta, ctx, "the offline corpus")
-        publish(ctx, tokenizer, out, {"streaming": False})
+        found = {}
+        for part, held in (("train", False), ("eval", True)):
+            out = (
+                ctx.cache_dir
+                / "tokens"
+                / content_key(
+                    corpus_hash, fingerprint(tokenizer), f"{part}:eval_share={opts.eval_share}"
+                )
+            )
+            texts = (b["text"] for b in rows.iter(batch_size=1000))
+            meta = build_token_cache(
+                split_documents(texts, opts.eval_share, keep_held_out=held),
+                tokenizer,
+                eos,
+                out,
+                describe=f"offline corpus ({part})",
+            )
+            if held and opts.eval_share:
+                check_enough(meta, ctx, "the held-out share of the corpus", "data.eval_share")
+            elif not held:
+                check_enough(meta, ctx, "the offline corpus")
+            found[part] = out if meta["n_tokens"] else None
+        publish(ctx, tokenizer, found["train"], {"streaming": False, "eval": found["eval"]})
 
     def open(self, options: Any, ctx: DataContext) -> DataStream:
         opts = as_options(OfflineOptions, options)
         tokens = load_tokens(Path(read_pointer(ctx)["tokens"]))
         return PackedStream(tokens, ctx, shuffle=opts.shuffle)
+
+    def open_eval(self, options: Any, ctx: DataContext) -> DataStream:
+        return open_held_out(ctx, "data.eval_share: 0 sets no documents aside for [eval]")
 
 
 def _vocab_size(opts: OfflineOptions, ctx: DataContext) -> int:

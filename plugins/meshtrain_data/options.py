@@ -43,6 +43,13 @@ class HFOptions:
     """Read and tokenize while training instead of packing everything in `prepare`."""
     shuffle: bool = True
     """Shuffle the packed windows every epoch from train.seed (not when streaming)."""
+    eval_share: float = _opt(0.02, min=0, below=1)
+    """Share of the split's documents set aside for [eval] (every 1/share-th), unless
+    eval_dataset or eval_split name held-out data of their own."""
+    eval_dataset: str = ""
+    """Held-out data for [eval] (like `dataset`); default `dataset` when eval_split is set."""
+    eval_split: str = ""
+    """Split of eval_dataset (or of `dataset`) for [eval], e.g. "validation"."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,6 +62,8 @@ class OfflineOptions:
     """Fill the corpus up to corpus_mb with standard-library source code."""
     shuffle: bool = True
     """Shuffle the packed windows every epoch from train.seed."""
+    eval_share: float = _opt(0.02, min=0, below=1)
+    """Share of the corpus documents set aside for [eval] (every 1/share-th); never trained on."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -48,6 +48,23 @@ def token_dtype(vocab: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
 
 
+def held_out(index: int, share: float) -> bool:
+    """Whether document `index` (its row number in the source) is set aside for evaluation:
+    every 1/share-th document, floor(n * share) of the first n, spread evenly."""
+    return int((index + 1) * share + 1e-9) > int(index * share + 1e-9)
+
+
+def split_documents(
+    batches: Iterable[list[Any]], share: float, *, keep_held_out: bool
+) -> Iterator[list[Any]]:
+    """`batches` of documents with only the held-out ones (keep_held_out) or only the rest."""
+    index = 0
+    for texts in batches:
+        kept = [t for i, t in enumerate(texts, index) if held_out(i, share) == keep_held_out]
+        index += len(texts)
+        yield kept
+
+
 def build_token_cache(
     batches: Iterable[list[Any]], tokenizer: Any, eos: int, out: Path, describe: str
 ) -> dict[str, Any]:
@@ -91,21 +108,25 @@ def encode_documents(
             yield list(itertools.chain.from_iterable(ids + [eos] for ids in encoded)), len(texts)
 
 
-def check_enough(meta: dict[str, Any], ctx: DataContext, what: str) -> None:
-    """At least one full window of seq_len + 1 tokens, else a one-line error."""
+def check_enough(
+    meta: dict[str, Any], ctx: DataContext, what: str, key: str = "data.dataset"
+) -> None:
+    """At least one full window of seq_len + 1 tokens, else a one-line error naming `key`."""
     if meta["n_tokens"] == 0:
-        raise UserError(f"data.dataset: {what} holds no text")
+        raise UserError(f"{key}: {what} holds no text")
     if meta["n_tokens"] < ctx.seq_len + 1:
         raise UserError(
-            f"data.dataset: {what} holds {meta['n_tokens']} tokens, fewer than one "
+            f"{key}: {what} holds {meta['n_tokens']} tokens, fewer than one "
             f"window of train.seq_len + 1 = {ctx.seq_len + 1}"
         )
 
 
 def publish(ctx: DataContext, tokenizer: Any, tokens_dir: Path | None, extra: dict) -> None:
-    """Save the tokenizer to <run_dir>/tokenizer and tell `open` where the tokens are."""
+    """Save the tokenizer to <run_dir>/tokenizer and tell `open` where the tokens are (and
+    `open_eval` where the held-out tokens are: extra["eval"])."""
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(ctx.run_dir / "tokenizer"))
+    extra = {k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}
     pointer = {"tokens": str(tokens_dir) if tokens_dir else None, **extra}
     tmp = ctx.run_dir / f"{POINTER}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(pointer, indent=1))

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from meshtrain.api import Batch, DataContext
+from meshtrain.api import Batch, DataContext, UserError
 
 log = logging.getLogger("meshtrain.data")
 
@@ -90,3 +91,15 @@ class PackedStream:
                 self.windows,
             )
         self.position = int(state["epoch"]) * self.windows + int(state["position"])
+
+
+def open_held_out(ctx: DataContext, missing: str) -> PackedStream:
+    """The held-out tokens `prepare` published, unshuffled from their first window: every
+    evaluation reads the same global batches, whatever the layout or a resume. `missing`: the
+    one-line error when `prepare` set nothing aside."""
+    from meshtrain_data.packing import load_tokens, read_pointer
+
+    held = read_pointer(ctx).get("eval")
+    if not held:
+        raise UserError(missing)
+    return PackedStream(load_tokens(Path(held)), ctx, shuffle=False)

@@ -1,6 +1,7 @@
 """`source = "synthetic"`: uniform random tokens for benchmarks; no files, no prepare work.
 
-Row p of the endless stream is drawn from a generator seeded with (train.seed, p), so a rank
+Row p of the endless stream is drawn from a generator seeded with (train.seed, p) (held-out rows
+for [eval]: (train.seed, p, 1)), so a rank
 draws only its own rows and every layout sees the same global batches. With data.masked_share,
 the same generator then picks the row's IGNORE_INDEX labels, after its tokens: the tokens do not
 change, and every layout masks the same labels.
@@ -22,8 +23,9 @@ class SyntheticStream:
     """A `DataStream` of random token ids in [0, model.vocab_size); labels are the next ids,
     a `masked_share` of them IGNORE_INDEX."""
 
-    def __init__(self, ctx: DataContext, masked_share: float = 0.0):
+    def __init__(self, ctx: DataContext, masked_share: float = 0.0, held_out: bool = False):
         self.ctx, self.masked_share = ctx, masked_share
+        self.stream = (1,) if held_out else ()  # a seed space of its own for [eval]
         self.rows = ctx.micro_batch_size * ctx.grad_acc
         self.position = 0  # global rows consumed
 
@@ -36,7 +38,7 @@ class SyntheticStream:
 
     def _row(self, p: int) -> np.ndarray:
         """Global row p as (inputs, labels): seq_len + 1 tokens, then the masked labels."""
-        rng = np.random.default_rng([self.ctx.seed, p])
+        rng = np.random.default_rng([self.ctx.seed, p, *self.stream])
         tokens = rng.integers(0, self.ctx.vocab_size, self.ctx.seq_len + 1)
         pair = np.stack([tokens[:-1], tokens[1:]])  # a copy: masking labels spares the inputs
         if self.masked_share:
@@ -63,3 +65,8 @@ class SyntheticSource:
 
     def open(self, options: Any, ctx: DataContext) -> SyntheticStream:
         return SyntheticStream(ctx, as_options(SyntheticOptions, options).masked_share)
+
+    def open_eval(self, options: Any, ctx: DataContext) -> SyntheticStream:
+        """Rows drawn from (train.seed, p, 1): never a training row."""
+        masked = as_options(SyntheticOptions, options).masked_share
+        return SyntheticStream(ctx, masked, held_out=True)
