@@ -128,6 +128,22 @@ class CheckpointSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalSection:
+    every: int = _opt(0, min=0)
+    """Evaluate on the held-out data every N steps; 0 = only where at_end / at_checkpoint ask."""
+    steps: int = _opt(4, min=1)
+    """Global batches per evaluation: the first `steps` of the held-out stream, every time."""
+    at_end: bool = False
+    """Also evaluate after the last step."""
+    at_checkpoint: bool = False
+    """Also evaluate at every checkpoint save."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.every) or self.at_end or self.at_checkpoint
+
+
+@dataclass(frozen=True, kw_only=True)
 class LogSection:
     every: int = _opt(1, min=1)
     """Print a line (or update the progress bar) every N steps."""
@@ -149,6 +165,7 @@ SECTIONS: dict[str, type] = {
     "data": DataSection,
     "train": TrainSection,
     "checkpoint": CheckpointSection,
+    "eval": EvalSection,
     "log": LogSection,
     "plugins": PluginsSection,
 }
@@ -168,6 +185,7 @@ class Config:
     data: DataSection
     train: TrainSection
     checkpoint: CheckpointSection
+    eval: EvalSection
     log: LogSection
     plugins: PluginsSection
 

@@ -126,6 +126,9 @@ class PipelineSchedule(Protocol):
     splits_backward: bool
     """Backward runs as separate input- and weight-gradient passes (zero bubble): FSDP2 must keep
     the gathered weights from forward until the weight pass."""
+    # Optional: `evaluates: bool` -- the built schedule's `eval()` runs forward only (torch's
+    # single-stage and loop schedules). Without it, [eval] walks the stages in order with the
+    # core's own forward sweep (meshtrain.pipeline.forward_sweep).
 
     def placement(self, pp_rank: int, pp: int) -> list[int]:
         """The stage ids (0 .. pp * stages_per_rank - 1) pipeline rank `pp_rank` holds, in the
@@ -206,3 +209,10 @@ class DataSource(Protocol):
 
     def open(self, options: Any, ctx: DataContext) -> DataStream:
         """This dp rank's stream; cheap, reads what `prepare` cached."""
+
+    # Optional, for `[eval]`:
+    #
+    #   def open_eval(self, options, ctx: DataContext) -> DataStream:
+    #       """This dp rank's view of the held-out stream: data `open`'s stream never yields, in
+    #       global batches formed as in `open` (so the layout never changes them), the same
+    #       from its start every time it is opened. `prepare` readies it."""

@@ -42,6 +42,12 @@ def on_step_end(config: Any, rank: int, step: int, metrics: dict[str, Any]) -> N
 
 
 @hookspec
+def on_eval_end(config: Any, rank: int, step: int, metrics: dict[str, Any]) -> None:
+    """Called on every rank after an evaluation at `step` with eval_loss, eval_ppl, eval_tokens
+    and eval_time_s (the same on every rank)."""
+
+
+@hookspec
 def on_checkpoint_saved(config: Any, rank: int, step: int, path: Path) -> None:
     """Called on every rank after a checkpoint at `step` is complete at `path`."""
 

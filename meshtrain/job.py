@@ -106,6 +106,11 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
             source.config_class, config.data.options, f"{where}: data"
         )
         problems += found
+        if config.eval.enabled and not callable(getattr(source, "open_eval", None)):
+            problems.append(
+                f"{where}: eval.every: data source {config.data.source!r} has no held-out data "
+                "(its plugin defines no open_eval); set eval.every = 0 or use another source"
+            )
     if shape is not None and schedule is not None:
         problems += check_degrees(config, shape, schedule)
     if config.model.pretrained and not config.model.name:

@@ -90,7 +90,7 @@ class MetricsLog:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, int | float):
                     self.writer.add_scalar(key, value, step)
-        if step % self.every == 0 or step == self.total:
+        if step % self.every == 0 or step == self.total or "eval_loss" in metrics:
             self._show(metrics)
 
     def _show(self, m: dict[str, Any]) -> None:
@@ -102,6 +102,8 @@ class MetricsLog:
             f"lr {m['lr']:.2e} {m['tokens_per_s']:.0f} tok/s {m['step_time_s']:.2f} s/step "
             f"mfu {m['mfu']:.1%} mem {m['peak_mem_total_gib']:.1f} GiB eta {eta:.0f}s"
         )
+        if "eval_loss" in m:
+            text += f" | eval_loss {m['eval_loss']:.4f} eval_ppl {m['eval_ppl']:.1f}"
         if self.tty:
             done = int(20 * step / self.total)
             bar = "#" * done + "." * (20 - done)

@@ -79,3 +79,60 @@ def build_pipeline_stages(
         PipelineStage(module, index, num_stages, device, group=group)
         for module, index in zip(stages, ids, strict=True)
     ]
+
+
+def forward_sweep(
+    stages: dict[int, nn.Module],
+    holders: dict[int, int],
+    group: Any,
+    micro_inputs: list[torch.Tensor],
+    device: torch.device,
+    run_last: Any,
+) -> None:
+    """Forward only, one micro-batch at a time through every stage in order: for schedules whose
+    own `eval()` cannot skip backward (the V schedules). `stages`: this rank's stage modules by
+    id; `holders`: stage id -> pp rank; `micro_inputs`: token ids per micro-batch (used by the
+    first stage); `run_last(index, output)` takes the last stage's output of micro-batch
+    `index`. Every pp rank walks the stages in the same order, so each send meets its receive."""
+    import torch.distributed as dist
+
+    me, last = dist.get_rank(group), max(holders)
+    for index, inputs in enumerate(micro_inputs):
+        hidden = inputs
+        for stage in range(last + 1):
+            source, target = holders.get(stage - 1), holders[stage]
+            if stage > 0 and source != target:
+                if me == source:
+                    _send(hidden, group, target)
+                elif me == target:
+                    hidden = _recv(group, source, device)
+            if me == target:
+                hidden = stages[stage](hidden)
+        if me == holders[last]:
+            run_last(index, hidden)
+
+
+def _send(tensor: torch.Tensor, group: Any, target: int) -> None:
+    """A header (rank, dtype, shape) then the tensor: the receiver needs no shape inference."""
+    import torch.distributed as dist
+
+    tensor = tensor.contiguous()
+    header = torch.zeros(8, dtype=torch.int64, device=tensor.device)
+    header[0], header[1] = tensor.dim(), _DTYPES.index(tensor.dtype)
+    header[2 : 2 + tensor.dim()] = torch.tensor(tensor.shape)
+    dist.send(header, group=group, group_dst=target)
+    dist.send(tensor, group=group, group_dst=target)
+
+
+def _recv(group: Any, source: int, device: torch.device) -> torch.Tensor:
+    import torch.distributed as dist
+
+    header = torch.zeros(8, dtype=torch.int64, device=device)
+    dist.recv(header, group=group, group_src=source)
+    ndim, dtype = int(header[0]), _DTYPES[int(header[1])]
+    tensor = torch.empty(header[2 : 2 + ndim].tolist(), dtype=dtype, device=device)
+    dist.recv(tensor, group=group, group_src=source)
+    return tensor
+
+
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]

@@ -21,7 +21,7 @@ from meshtrain.contracts import IGNORE_INDEX, Batch
 from meshtrain.errors import UserError
 from meshtrain.mesh import Mesh
 from meshtrain.model import ParallelModel
-from meshtrain.pipeline import build_pipeline_stages
+from meshtrain.pipeline import build_pipeline_stages, forward_sweep, stage_ranks
 from meshtrain.tensor_parallel import loss_context
 
 
@@ -54,6 +54,7 @@ class Stepper:
         autocast: bool,
     ):
         self.model, self.mesh, self.grad_acc = model, mesh, grad_acc
+        self.schedule_provider = schedule_provider
         self.loss_fn = TokenLoss()
         self.schedule = None
         self.busy_s = 0.0
@@ -90,6 +91,66 @@ class Stepper:
             else:
                 loss = self._run_pipeline(inputs, labels)
         return loss, int(tokens)
+
+    def evaluate(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Forward only, in eval mode, through the same stages (and pipeline schedule).
+
+        Returns (this rank's summed cross-entropy over its target tokens, zero off the last
+        stage, global target tokens of the batch)."""
+        inputs, labels = as_batch(batch)
+        inputs, labels = inputs.to(self.mesh.device), labels.to(self.mesh.device)
+        tokens = (labels != IGNORE_INDEX).sum()
+        dist.all_reduce(tokens, group=self.mesh.group("dp"))
+        self.loss_fn.scale = 1.0
+        stages = self.model.stages
+        for stage in stages:
+            stage.eval()
+        try:
+            with torch.no_grad(), loss_context(self.mesh.size("tp")), self.autocast:
+                if self.schedule is None:
+                    (stage,) = stages
+                    total = torch.zeros((), device=inputs.device)
+                    for x, y in zip(
+                        inputs.chunk(self.grad_acc), labels.chunk(self.grad_acc), strict=True
+                    ):
+                        total += _plain(self.loss_fn(stage(x), y))
+                elif getattr(self.schedule_provider, "evaluates", False):
+                    args = (inputs,) if self.model.first else ()
+                    losses: list = []
+                    kwargs = {"target": labels, "losses": losses} if self.model.last else {}
+                    self.schedule.eval(*args, **kwargs)
+                    total = sum(
+                        (_plain(loss) for loss in losses), torch.zeros((), device=inputs.device)
+                    )
+                else:
+                    total = self._sweep(inputs, labels)
+        finally:
+            for stage in stages:
+                stage.train()
+                for module in stage.modules():  # drop weights gathered for the forward
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+        return total, int(tokens)
+
+    def _sweep(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Forward only without the schedule (see `forward_sweep`)."""
+        total = torch.zeros((), device=inputs.device)
+        targets = labels.chunk(self.grad_acc)
+
+        def run_last(index: int, logits: torch.Tensor) -> None:
+            nonlocal total
+            total += _plain(self.loss_fn(logits, targets[index]))
+
+        pp = self.mesh.size("pp")
+        forward_sweep(
+            dict(zip(self.model.stage_ids, self.model.stages, strict=True)),
+            stage_ranks(self.schedule_provider, pp),
+            self.mesh.group("pp"),
+            list(inputs.chunk(self.grad_acc)),
+            self.mesh.device,
+            run_last,
+        )
+        return total
 
     def _time_compute(self, stage: Any) -> None:
         """Count the time `stage` spends in its forward and backward passes (the schedule's F, B,

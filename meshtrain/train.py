@@ -7,6 +7,7 @@ batch -> forward/backward (pipelined or not) -> dp grad sync -> tied grad sync
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -60,12 +61,17 @@ def run_worker(job: Job) -> list[dict]:
     while trainer.step < cfg.train.steps:
         metrics = train_step(trainer)
         metrics["steps_this_run"] = len(history) + 1
+        every = cfg.checkpoint.every
+        saving = bool(every) and (trainer.step % every == 0 or trainer.step == cfg.train.steps)
+        if eval_due(cfg, trainer.step, saving):
+            found = evaluate(trainer)
+            metrics.update(found)
+            hook.on_eval_end(config=cfg, rank=rank, step=trainer.step, metrics=found)
         history.append(metrics)
         if metrics_log:
             metrics_log.write(metrics)
         hook.on_step_end(config=cfg, rank=rank, step=trainer.step, metrics=metrics)
-        every = cfg.checkpoint.every
-        if every and (trainer.step % every == 0 or trainer.step == cfg.train.steps):
+        if saving:
             path = save_checkpoint(trainer)
             hook.on_checkpoint_saved(config=cfg, rank=rank, step=trainer.step, path=path)
     if metrics_log:
@@ -141,6 +147,41 @@ def train_step(t: Trainer) -> dict:
         **stats["memory"],
         "cpu_s": stats["cpu_s"],
         "pp_busy_s": stats["pp_busy_s"],
+    }
+
+
+def eval_due(cfg: Any, step: int, saving: bool) -> bool:
+    """Whether `[eval]` asks for an evaluation after `step`."""
+    e = cfg.eval
+    return (
+        bool(e.every and step % e.every == 0)
+        or (e.at_end and step == cfg.train.steps)
+        or (e.at_checkpoint and saving)
+    )
+
+
+def evaluate(t: Trainer) -> dict:
+    """The mean cross-entropy over every target token of the first `eval.steps` global batches
+    of the held-out stream (the same batches at every evaluation, in every layout)."""
+    cfg, mesh = t.job.config, t.mesh
+    start = time.perf_counter()
+    stream = t.job.source.open_eval(t.job.data_options, data_context(t.job, mesh.dp_rank))
+    summed = torch.zeros((), dtype=torch.float64, device=mesh.device)
+    tokens = 0
+    for _ in range(cfg.eval.steps):
+        loss, count = t.stepper.evaluate(stream.next_batch())
+        summed += loss.double()
+        tokens += count
+    # Only one rank per dp replica (last stage, tp rank 0) reports; the world sum is the dp sum.
+    if not (t.model.last and mesh.tp_rank == 0):
+        summed.zero_()
+    dist.all_reduce(summed)
+    loss = float(summed) / max(tokens, 1)
+    return {
+        "eval_loss": loss,
+        "eval_ppl": math.exp(min(loss, 700.0)),
+        "eval_tokens": tokens,
+        "eval_time_s": time.perf_counter() - start,
     }
 
 

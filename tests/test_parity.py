@@ -7,6 +7,8 @@ relative. Runs of one world size share one spawned world, whatever their group:
     llama    configs/tiny_cpu.toml: every (dp, pp, tp) in {1,2}^3, FSDP2 and replicated dp,
              sequence parallel, grad_acc 1/2/4, activation checkpointing; golden losses pinned
     sched    every pipeline schedule at pp2 and at dp2 pp2 tp2 with FSDP2 (global batch 8)
+    (llama and sched also evaluate on held-out data after steps 3 and 6: eval_loss must match
+    too, so evaluation works in every layout and schedule and does not disturb training)
     masked   synthetic tokens with a quarter of the labels -100 (per-micro-batch token counts
              differ: the global-token loss must still match)
     qwen3    configs/qwen3_tiny_cpu.toml: head_dim apart from hidden/heads, per-head q/k norms
@@ -41,6 +43,7 @@ SCHEDULES = [
     "dualpipev",
 ]
 MASKED = ['data.source="synthetic"', "data.masked_share=0.25"]
+EVAL = ["eval.every=3", "eval.steps=2"]  # held-out loss after steps 3 and 6, forward only
 
 
 def layout(
@@ -90,7 +93,7 @@ RUNS = [
     *group(
         "llama",
         LLAMA,
-        [],
+        EVAL,
         [
             layout(),
             layout(grad_acc=1),
@@ -120,7 +123,7 @@ RUNS = [
     *group(
         "sched",
         LLAMA,
-        [],
+        EVAL,
         [
             layout(grad_acc=8, batch=8),
             *(layout(pp=2, schedule=s, grad_acc=4, batch=8) for s in SCHEDULES),
@@ -212,6 +215,16 @@ def test_layout_matches_single_process(results, group_name, name):
         assert abs(got["grad_norm"] - ref["grad_norm"]) <= RTOL * abs(ref["grad_norm"]), (
             f"{name} step {step}: grad_norm {got['grad_norm']} vs {ref['grad_norm']}"
         )
+        assert (
+            ("eval_loss" in got)
+            == ("eval_loss" in ref)
+            == (group_name in ("llama", "sched") and step % 3 == 0)
+        )
+        if "eval_loss" in ref:  # forward only, through the schedule (or the sweep for V ones)
+            assert got["eval_tokens"] == ref["eval_tokens"]
+            assert abs(got["eval_loss"] - ref["eval_loss"]) <= RTOL * ref["eval_loss"], (
+                f"{name} step {step}: eval_loss {got['eval_loss']} vs {ref['eval_loss']}"
+            )
 
 
 def test_masked_labels_count_only_unmasked_tokens(results):

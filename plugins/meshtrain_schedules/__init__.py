@@ -36,6 +36,9 @@ class TorchSchedule:
     """Every micro-batch's activations stay until backward (GPipe, looped BFS)."""
     splits_backward: bool = False
     """Input and weight gradients in separate passes (zero bubble)."""
+    evaluates: bool = True
+    """Its `eval()` runs forward only. The V schedules' runtimes still step through their
+    backward actions there, so [eval] goes through the core's forward sweep instead."""
 
     def placement(self, pp_rank: int, pp: int) -> list[int]:
         if self.style == "v":
@@ -96,6 +99,7 @@ SCHEDULES = {
         style="v",
         min_grad_acc="pp",
         splits_backward=True,
+        evaluates=False,
     ),
     "dualpipev": TorchSchedule(
         "ScheduleDualPipeV",
@@ -103,6 +107,7 @@ SCHEDULES = {
         style="v",
         min_grad_acc="stages",
         splits_backward=True,
+        evaluates=False,
     ),
 }
 
