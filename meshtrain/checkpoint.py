@@ -165,7 +165,9 @@ def load_tensors(state: dict[str, Any], path: Path, where: str, no_dist: bool = 
     reader = SafeReader(path)
     reader.read_metadata()  # unsafe or unreadable: a UserError now, before DCP wraps it
     try:
-        dcp.load(state, storage_reader=reader, no_dist=no_dist)
+        with warnings.catch_warnings():  # no_dist: DCP warns that it assumes one process
+            warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+            dcp.load(state, storage_reader=reader, no_dist=no_dist)
     except (Exception, CheckpointException) as err:  # (the latter is a BaseException)
         # A missing key or another shape: not this model's checkpoint.
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]

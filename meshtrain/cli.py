@@ -4,6 +4,8 @@
     meshtrain check CONFIG [--set key=value ...]   validate; print the config and the rank layout
     meshtrain plugins                              installed plugins and what they provide
     meshtrain export RUN_DIR_OR_CHECKPOINT OUT_DIR a Hugging Face folder from a checkpoint
+    meshtrain sample RUN_DIR_OR_CHECKPOINT --prompt TEXT [--max-new-tokens N] [--temperature T]
+                                                   [--seed S]  continue a prompt
 
 A `UserError` exits with status 2 and one `error: ` line per problem (MESHTRAIN_DEBUG=1 re-raises
 it with the traceback). The tables that `check` and `plugins` produce are this command's output,
@@ -73,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     one.add_argument("source", type=Path, help="run directory or checkpoint folder")
     one.add_argument("out", type=Path, help="output folder")
     one.set_defaults(command=cmd_export)
+    one = sub.add_parser("sample", help="continue a prompt with a trained checkpoint")
+    one.add_argument("source", type=Path, help="run directory or checkpoint folder")
+    one.add_argument("--prompt", required=True, help="text to continue")
+    one.add_argument("--max-new-tokens", type=int, default=50, help="tokens to add (50)")
+    one.add_argument(
+        "--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (0.8)"
+    )
+    one.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    one.set_defaults(command=cmd_sample)
     return parser
 
 
@@ -117,6 +128,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     from meshtrain.export import export_checkpoint
 
     export_checkpoint(Path(args.source), Path(args.out))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from meshtrain.sample import sample
+
+    text = sample(
+        args.source,
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(text)
     return 0
 
 

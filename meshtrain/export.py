@@ -55,14 +55,16 @@ def export_checkpoint(source: Path, out: Path, max_shard_size: str = "2GB") -> P
     return out
 
 
-def resolve_checkpoint(source: Path) -> Path:
-    """The checkpoint folder `source` names: itself, or a run dir's newest complete checkpoint."""
+def resolve_checkpoint(source: Path, command: str = "export") -> Path:
+    """The checkpoint folder `source` names: itself, or a run dir's newest complete checkpoint.
+    Errors start with `command` (export, sample)."""
+    source = Path(source)
     if not source.exists():
-        raise UserError(f"export: {source} does not exist (expected a run dir or a checkpoint)")
+        raise UserError(f"{command}: {source} does not exist (expected a run dir or a checkpoint)")
     if (source / META).is_file():
         if not is_complete(source):
             raise UserError(
-                f"export: {source} is an unfinished checkpoint (being written or "
+                f"{command}: {source} is an unfinished checkpoint (being written or "
                 "killed); use a step_* folder"
             )
         return source
@@ -71,14 +73,14 @@ def resolve_checkpoint(source: Path) -> Path:
         done = sorted(p for p in root.glob("step_*") if is_complete(p))
         if not done:
             raise UserError(
-                f"export: {source} has no complete checkpoint in {root} "
+                f"{command}: {source} has no complete checkpoint in {root} "
                 "(set checkpoint.every to save some)"
             )
         return done[-1]
     if source.name.startswith(("step_", ".step_")):
-        raise UserError(f"export: {source} is an incomplete checkpoint (no {META})")
+        raise UserError(f"{command}: {source} is an incomplete checkpoint (no {META})")
     raise UserError(
-        f"export: {source} is not a meshtrain run dir (no checkpoints/ folder) "
+        f"{command}: {source} is not a meshtrain run dir (no checkpoints/ folder) "
         f"or checkpoint (no {META})"
     )
 

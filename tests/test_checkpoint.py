@@ -8,6 +8,9 @@ The tiny config (offline corpus) at a global batch of 4 sequences, 4 steps, in t
              same   resumes full's step 2 in the same layout: steps 3-4 bitwise equal to full
              up     resumes ref's step 2 (1 process -> 8): steps 3-4 within 1e-5 of ref
     world 1: down   resumes full's step 2 (8 -> 1) with resume = "auto", next to a killed save
+
+Every run evaluates on held-out data after steps 2 and 4: a resumed run's evaluation equals the
+uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def overrides(
         f"checkpoint.keep={keep}",
         f'checkpoint.resume="{resume}"',
         f'run.dir="{run_dir}"',
+        "eval.every=2",  # held-out loss after steps 2 and 4: the same batches after a resume
+        "eval.steps=2",
     ]
 
 
@@ -118,6 +123,7 @@ def test_resume_same_layout_is_bitwise_exact(runs):
             want["grad_norm"],
             want["lr"],
         ), f"step {want['step']}"
+    assert same[1]["eval_loss"] == full[3]["eval_loss"] and "eval_loss" not in same[0]
 
 
 @pytest.mark.dist
@@ -131,9 +137,55 @@ def test_resume_into_another_layout_continues(runs, name):
             assert abs(got[key] - want[key]) <= RTOL * abs(want[key]), (
                 f"{name} step {want['step']}: {key} {got[key]} vs 1 process {want[key]}"
             )
+    got, want = run[1]["eval_loss"], ref[3]["eval_loss"]  # the evaluation after step 4
+    assert abs(got - want) <= RTOL * want, f"{name}: eval_loss {got} vs 1 process {want}"
     # The 8-rank run itself matches the single process before and after the save.
     for got, want in zip(full, ref, strict=True):
         assert abs(got["loss"] - want["loss"]) <= RTOL * abs(want["loss"])
+
+
+@pytest.mark.dist
+def test_sample_continues_a_prompt_with_meshtrains_own_forward(runs, tmp_path, capsys):
+    """`meshtrain sample` on the dp2 pp2 tp2 run prints the prompt and a continuation; the
+    transformers model it generates with gives the logits of meshtrain's own stage forward, and
+    greedy decoding's first new token is that forward's argmax. Bad inputs exit 2 by name."""
+    from meshtrain.export import load_full_model, resolve_checkpoint
+    from meshtrain.sample import load_run_tokenizer
+
+    run_dir, prompt = runs["dirs"]["full"], "def main(argv):\n    "
+    argv = ["sample", str(run_dir), "--prompt", prompt, "--max-new-tokens", "6"]
+    assert main([*argv, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out.rstrip("\n")
+    assert greedy.startswith(prompt) and len(greedy) > len(prompt)
+    assert main([*argv, "--seed", "1"]) == main([*argv, "--seed", "1"]) == 0
+    first, second, _ = capsys.readouterr().out.split("\n")
+    assert first == second and first.startswith(prompt)  # one seed, one sample
+
+    checkpoint = resolve_checkpoint(run_dir)
+    tokenizer = load_run_tokenizer(checkpoint)
+    family, model = load_full_model(checkpoint)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    stage = family.split(model, range(4), first=True, last=True, sequence_shards=1)
+    with torch.no_grad():
+        ours, theirs = stage(ids), model(ids).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+    new = tokenizer(greedy, add_special_tokens=False)["input_ids"]
+    assert new[: ids.shape[1]] == ids[0].tolist()
+    assert new[ids.shape[1]] == int(ours[0, -1].argmax())
+
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    bare = tmp_path / "bare"
+    shutil.copytree(checkpoint, bare / "checkpoints" / checkpoint.name)  # no tokenizer/
+    for args, named in [
+        (["sample", str(run_dir), "--prompt", ""], "--prompt is empty"),
+        (["sample", str(empty), "--prompt", "x"], "no complete checkpoint"),
+        (["sample", str(bare), "--prompt", "x"], f"no tokenizer at {bare / 'tokenizer'}"),
+        (["sample", str(run_dir), "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+    ]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and named in err[0] and "Traceback" not in err[0], err
 
 
 @pytest.mark.dist
