@@ -1,7 +1,7 @@
 # Shortcuts; CI runs .ci/run (a clean venv, then the README's test command).
 PYTHON ?= python
 
-.PHONY: test lint format bench parity memory schedules
+.PHONY: test lint format bench parity memory configs schedules
 
 test:
 	$(PYTHON) -m pytest -q -x
@@ -21,6 +21,9 @@ parity:
 
 memory:
 	$(PYTHON) -m pytest -q -m slow
+
+configs:
+	$(PYTHON) -m pytest -q -m configs
 
 schedules:
 	$(PYTHON) bench/schedules.py
