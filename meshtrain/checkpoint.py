@@ -137,17 +137,36 @@ def save(
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
     dist.barrier()
-    dcp.save(states, checkpoint_id=partial)
-    torch.save(rank_state, partial / f"rank{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        (partial / META).write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
-        shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a restart
-        partial.rename(final)
-        _prune(root, keep)
-        log.info("saved checkpoint %s", final)
+    try:
+        dcp.save(states, checkpoint_id=partial)
+        torch.save(rank_state, partial / f"rank{rank}.pt")
+        dist.barrier()
+        if rank == 0:
+            (partial / META).write_text(json.dumps({"step": step, **meta}, indent=1, default=str))
+            shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a restart
+            partial.rename(final)
+            _prune(root, keep)
+            log.info("saved checkpoint %s", final)
+    except (OSError, CheckpointException) as err:  # e.g. the disk filled up
+        shutil.rmtree(partial, ignore_errors=True)
+        done = sorted(p.name for p in root.glob("step_*") if is_complete(p))
+        kept = f"the newest complete one, {done[-1]}, is intact" if done else "none was complete"
+        raise UserError(
+            f"checkpoint: cannot write step {step} to {root} ({_os_reason(err)}); {kept}"
+        ) from err
     dist.barrier()
     return final
+
+
+def _os_reason(err: BaseException) -> str:
+    """The OS error inside `err` (DCP wraps each rank's failure), as one short phrase."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen.strerror or str(seen)
+        seen = seen.__cause__ or seen.__context__
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1][:200] if lines else type(err).__name__
 
 
 def load(path: Path, states: dict[str, Any], layout: list) -> tuple[dict, dict]:

@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshtrain.job import resolve_job
     from meshtrain.launch import launch  # the heavy part; `check` works without it
 
-    job = resolve_job(load_config(args.config, args.overrides))
+    job = resolve_job(load_config(args.config, args.overrides), preflight=True)
     return int(launch(job) or 0)
 
 
@@ -101,7 +101,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from meshtrain.job import resolve_job
     from meshtrain.layout import build_layout
 
-    job = resolve_job(load_config(args.config, args.overrides))
+    job = resolve_job(load_config(args.config, args.overrides), preflight=True)
     print(format_config(job))
     print(format_layout(job, build_layout(job)))
     for warning in job.warnings:

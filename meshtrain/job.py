@@ -63,8 +63,12 @@ class Job:
         return device
 
 
-def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
-    """Load plugins and check everything that can be checked before starting processes."""
+def resolve_job(config: Config, extra_plugins: list[Any] = (), *, preflight: bool = False) -> Job:
+    """Load plugins and check everything that can be checked before starting processes.
+
+    `preflight` (the CLI's check and run, not the workers): also read files -- the data
+    source's `check` (files, tokenizer, columns), the run dir, the checkpoint to resume and
+    model.name's weights (meshtrain.preflight)."""
     where = str(config.path)
     problems: list[str] = []
     known = entry_point_names()
@@ -117,9 +121,13 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
         problems.append(f"{where}: model.pretrained: true needs model.name (hub id or folder)")
     if config.run.device == "cuda" and not torch.cuda.is_available():
         problems.append(f"{where}: run.device: 'cuda' but no CUDA device is visible; use 'cpu'")
+    if preflight and source is not None and data_options is not None:
+        from meshtrain.preflight import data_problems
+
+        problems += data_problems(source, data_options, config, shape)
     if problems:
         raise ConfigError(problems)
-    return Job(
+    job = Job(
         config=config,
         plugins=plugins,
         family_name=family_name,
@@ -131,6 +139,13 @@ def resolve_job(config: Config, extra_plugins: list[Any] = ()) -> Job:
         data_options=data_options,
         warnings=_no_effect_warnings(config),
     )
+    if preflight:
+        from meshtrain.preflight import run_problems
+
+        problems = run_problems(job)
+        if problems:
+            raise ConfigError(problems)
+    return job
 
 
 def pick_family(config: Config, plugins: Plugins) -> tuple[str | None, str]:

@@ -103,8 +103,13 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
     """Tensor name -> file, from model.safetensors.index.json or the single model file."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: folder / file for name, file in weight_map.items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            raise UserError(
+                f"model.name: {index} is not a safetensors index ({type(err).__name__}: {err})"
+            ) from None
     single = folder / "model.safetensors"
     if not single.is_file():
         raise UserError(
@@ -113,5 +118,72 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
         )
     from safetensors import safe_open
 
-    with safe_open(str(single), framework="pt") as handle:
-        return {name: single for name in handle.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(single), framework="pt") as handle:
+            return {name: single for name in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # safetensors' own error types for truncated or garbled files
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(
+            f"model.name: {single} is not a readable safetensors file ({text})"
+        ) from None
+
+
+FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+MAX_LINES = 5
+
+
+def hf_weight_problems(job: Any) -> list[str]:
+    """Before workers start: model.name's safetensors files open, and hold every tensor the
+    model needs with its shape and a floating dtype. Reads headers only. A hub id is checked
+    when downloaded."""
+    from safetensors import safe_open
+
+    from meshtrain.pipeline import split_model
+
+    folder = Path(job.config.model.name).expanduser()
+    if not folder.is_dir():
+        return []
+    try:
+        files = _safetensors_files(folder)
+    except UserError as err:
+        return err.problems
+    handles, problems = {}, []
+    for path in sorted(set(files.values())):
+        try:
+            handles[path] = safe_open(str(path), framework="pt")
+        except Exception as err:  # safetensors raises its own errors for truncated headers
+            text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            problems.append(f"model.name: {path} is not a readable safetensors file ({text})")
+    if problems:
+        return problems
+    with torch.device("meta"):
+        model = job.family.build(job.model_config)
+    num_layers = job.shape.num_layers
+    (stage,) = split_model(job.family, model, num_layers, [0], 1)
+    hf_keys = job.family.plan(stage, sequence_parallel=False).hf_keys
+    copies = {copy for _, copy in job.family.tied_parameters(job.model_config)}
+    missing, wrong = [], []
+    for name, param in stage.named_parameters():
+        if name in copies:
+            continue
+        key = hf_keys.get(name, name)
+        if key not in files:
+            missing.append(key)
+            continue
+        tensor = handles[files[key]].get_slice(key)
+        if list(tensor.get_shape()) != list(param.shape):
+            wrong.append(
+                f"{key} has shape {tensor.get_shape()}, the model needs {list(param.shape)}"
+            )
+        elif tensor.get_dtype() not in FLOAT_DTYPES:
+            wrong.append(f"{key} holds {tensor.get_dtype()}, not floating-point weights")
+    if missing:
+        more = f" and {len(missing) - MAX_LINES} more" if len(missing) > MAX_LINES else ""
+        problems.append(
+            f"model.name: {folder} lacks {len(missing)} tensor(s) the model needs: "
+            f"{', '.join(missing[:MAX_LINES])}{more}"
+        )
+    problems += [f"model.name: {folder}: {line}" for line in wrong[:MAX_LINES]]
+    if len(wrong) > MAX_LINES:
+        problems.append(f"model.name: {folder}: {len(wrong) - MAX_LINES} more tensors differ")
+    return problems

@@ -92,7 +92,9 @@ def test_plugins_lists_builtins():
     assert result.returncode == 0, result.stderr
     for plugin in ("meshtrain_models", "meshtrain_schedules", "meshtrain_data"):
         assert f"{plugin}  (meshtrain " in result.stdout
-    assert "model family: gemma, llama, mistral, olmo2, phi3, qwen2, qwen3" in result.stdout
+    assert (
+        "model family: gemma, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3" in result.stdout
+    )
     assert re.search(r"pipeline schedule: .*\b1f1b\b", result.stdout)
     assert re.search(r"pipeline schedule: .*\bgpipe\b", result.stdout)
     assert re.search(r"data source: .*\boffline\b", result.stdout)
@@ -165,7 +167,7 @@ def test_bad_config_subprocess_exit_2_no_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: {path}: model.family: unknown model family 'lama' (did you mean llama?); "
-        "available: gemma, llama, mistral, olmo2, phi3, qwen2, qwen3"
+        "available: gemma, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3"
     ]
     debug = meshtrain("check", str(path), MESHTRAIN_DEBUG="1")
     assert debug.returncode == 1

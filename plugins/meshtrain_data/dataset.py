@@ -75,6 +75,44 @@ def _builder(value: str, files: list[Path]) -> str:
     return builders.pop()
 
 
+def check_files(ref: DatasetRef) -> None:
+    """Local text and JSON files decode as UTF-8 and, for .jsonl, hold one JSON object per line;
+    else one line naming the file and the line (datasets would fail deep inside pyarrow)."""
+    import json
+
+    for path in ref.files:
+        if path.suffix not in (".txt", ".json", ".jsonl"):
+            continue
+        whole_json = path.suffix == ".json" and _starts_with(path, b"[")
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise UserError(
+                        f"{KEY}: {path}:{number}: not UTF-8 text (byte {err.start}: "
+                        f"{raw[err.start : err.start + 1]!r})"
+                    ) from None
+                if path.suffix == ".txt" or whole_json or not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as err:
+                    raise UserError(
+                        f"{KEY}: {path}:{number}: not a JSON object per line ({err})"
+                    ) from None
+                if not isinstance(value, dict):
+                    raise UserError(
+                        f"{KEY}: {path}:{number}: a JSON {type(value).__name__}, expected an "
+                        'object such as {"text": "..."}'
+                    )
+
+
+def _starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4096).lstrip().startswith(prefix)
+
+
 def load_rows(
     ref: DatasetRef, options: HFOptions, cache_dir: Path, *, streaming: bool = False
 ) -> Any:

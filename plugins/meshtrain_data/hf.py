@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from meshtrain.api import DataContext, DataStream, UserError
-from meshtrain_data.dataset import DatasetRef, check_column, load_rows, resolve_dataset
+from meshtrain_data.dataset import (
+    DatasetRef,
+    check_column,
+    check_files,
+    load_rows,
+    resolve_dataset,
+)
 from meshtrain_data.options import HFOptions, as_options
 from meshtrain_data.packing import (
     build_token_cache,
@@ -44,9 +50,34 @@ class HFSource:
 
     config_class = HFOptions
 
+    def check(self, options: Any, ctx: DataContext) -> list[str]:
+        """Every problem with the dataset, its text column, the tokenizer and the held-out data,
+        without tokenizing (a first row is read)."""
+        opts = as_options(HFOptions, options)
+        problems = _collect(lambda: _check_rows(opts, ctx, resolve_dataset(opts.dataset)))
+        tokenizer = None
+
+        def tokenizer_ok() -> None:
+            nonlocal tokenizer
+            tokenizer = load_tokenizer(opts.tokenizer)
+            if ctx.vocab_size:
+                check_tokenizer(tokenizer, ctx.vocab_size)
+
+        problems += _collect(tokenizer_ok)
+        explicit = _collect(lambda: _explicit_eval(opts))
+        problems += explicit
+        if not explicit and _explicit_eval(opts) is not None:
+            held = _explicit_eval(opts)
+            problems += [
+                _eval_keys(line, opts)
+                for line in _collect(lambda: _check_rows(held, ctx, resolve_dataset(held.dataset)))
+            ]
+        return problems
+
     def prepare(self, options: Any, ctx: DataContext) -> None:
         opts = as_options(HFOptions, options)
         ref = resolve_dataset(opts.dataset)
+        check_files(ref)
         tokenizer = load_tokenizer(opts.tokenizer)
         eos = check_tokenizer(tokenizer, ctx.vocab_size)
         explicit = _explicit_eval(opts)
@@ -106,6 +137,45 @@ class HFSource:
         return open_held_out(ctx, why)
 
 
+def _collect(check: Any) -> list[str]:
+    """The problem lines `check()` raises (none if it returns)."""
+    try:
+        check()
+    except UserError as err:
+        return list(err.problems)
+    return []
+
+
+def _check_rows(opts: HFOptions, ctx: DataContext, ref: DatasetRef) -> None:
+    """Local files decode (every line, see `check_files`); the split opens, has a first row,
+    and that row has the text column (holding text)."""
+    check_files(ref)
+    rows = load_rows(ref, opts, ctx.cache_dir, streaming=True)
+    try:
+        first = next(iter(rows), None)
+    except Exception as err:  # datasets / pyarrow decoding errors
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"data.dataset: cannot read {opts.dataset!r}: {text}") from None
+    if first is None:
+        raise UserError(f"data.dataset: {opts.dataset!r} has no rows (split {opts.split!r})")
+    if opts.text_column not in first:
+        raise UserError(
+            f"data.text_column: {opts.text_column!r} is not a column of "
+            f"{opts.dataset!r} (columns: {', '.join(first)})"
+        )
+    if not isinstance(first[opts.text_column], str):
+        kind = type(first[opts.text_column]).__name__
+        raise UserError(
+            f"data.text_column: {opts.text_column!r} of {opts.dataset!r} holds {kind}, not text"
+        )
+
+
+def _eval_keys(line: str, base: HFOptions) -> str:
+    """A problem of the held-out data, named by the eval_ keys that chose it."""
+    key = "data.eval_dataset" if base.eval_dataset else "data.eval_split"
+    return line.replace("data.dataset", key).replace("data.split", "data.eval_split")
+
+
 def _texts(rows: Any, column: str) -> Any:
     return (b[column] for b in rows.select_columns([column]).iter(batch_size=BATCH_ROWS))
 
@@ -131,6 +201,7 @@ def _pack_eval(
     """Tokenize the whole held-out split into the token cache (errors name the eval_ keys)."""
     try:
         ref = resolve_dataset(opts.dataset)
+        check_files(ref)
         rows = load_rows(ref, opts, ctx.cache_dir)
         check_column(rows, opts.text_column, opts.dataset)
         key = content_key(
@@ -142,13 +213,7 @@ def _pack_eval(
         )
         check_enough(meta, ctx, repr(opts.dataset))
     except UserError as err:
-        key = "data.eval_dataset" if base.eval_dataset else "data.eval_split"
-        raise UserError(
-            [
-                p.replace("data.dataset", key).replace("data.split", "data.eval_split")
-                for p in err.problems
-            ]
-        ) from None
+        raise UserError([_eval_keys(p, base) for p in err.problems]) from None
     return out
 
 

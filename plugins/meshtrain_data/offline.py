@@ -59,6 +59,13 @@ class OfflineSource:
 
     config_class = OfflineOptions
 
+    def check(self, options: Any, ctx: DataContext) -> list[str]:
+        """The vocabulary fits the model (the rest needs no files)."""
+        opts = as_options(OfflineOptions, options)
+        if ctx.vocab_size:
+            _vocab_size(opts, ctx)
+        return []
+
     def prepare(self, options: Any, ctx: DataContext) -> None:
         from meshtrain_data.corpus import build_corpus
 

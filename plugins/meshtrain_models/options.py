@@ -60,7 +60,8 @@ def parse_model_config(
         base.pop("layer_types", None)  # sized for the original depth; derived again
     merged = {**base, **options}
     heads, hidden = merged.get("num_attention_heads"), merged.get("hidden_size")
-    derived = "head_dim" not in merged and defaults.get("head_dim") is None  # hidden / heads
+    # head_dim = hidden / heads unless given, or the class has a default of its own (Gemma's 256)
+    derived = "head_dim" not in merged and getattr(config_class, "head_dim", None) is None
     if derived and heads and hidden and hidden % heads:
         return None, [
             f"{where}.hidden_size: {hidden} is not divisible by "
@@ -68,8 +69,11 @@ def parse_model_config(
         ]
     try:
         config = config_class(**merged)
-    except (ValueError, TypeError) as err:
-        return None, [f"{where}: the model config is invalid: {str(err).splitlines()[0]}"]
+    except Exception as err:  # transformers' validators raise their own classes, with a cause
+        while err.__cause__ is not None:
+            err = err.__cause__
+        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return None, [f"{where}: {config_class.__name__} rejects these keys: {text}"]
     config._attn_implementation = "sdpa"  # causal without a mask; eager would not be
     return config, []
 
