@@ -26,6 +26,7 @@ from meshtrain.metrics import MetricsLog, peak_flops, peak_memory_gib
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_lr_schedule, build_optimizer
 from meshtrain.pipeline import describe_stages
+from meshtrain.prefetch import Prefetcher
 from meshtrain.step import Stepper
 
 log = logging.getLogger("meshtrain")
@@ -58,26 +59,35 @@ def run_worker(job: Job) -> list[dict]:
     )
     hook.on_train_start(config=cfg, rank=rank)
     history: list[dict] = []
-    while trainer.step < cfg.train.steps:
-        metrics = train_step(trainer)
-        metrics["steps_this_run"] = len(history) + 1
-        every = cfg.checkpoint.every
-        saving = bool(every) and (trainer.step % every == 0 or trainer.step == cfg.train.steps)
-        if eval_due(cfg, trainer.step, saving):
-            found = evaluate(trainer)
-            metrics.update(found)
-            hook.on_eval_end(config=cfg, rank=rank, step=trainer.step, metrics=found)
-        history.append(metrics)
+    try:
+        while trainer.step < cfg.train.steps:
+            history.append(run_step(trainer, metrics_log, len(history) + 1))
+    finally:
+        trainer.data.close()
         if metrics_log:
-            metrics_log.write(metrics)
-        hook.on_step_end(config=cfg, rank=rank, step=trainer.step, metrics=metrics)
-        if saving:
-            path = save_checkpoint(trainer)
-            hook.on_checkpoint_saved(config=cfg, rank=rank, step=trainer.step, path=path)
-    if metrics_log:
-        metrics_log.close()
+            metrics_log.close()
     hook.on_train_end(config=cfg, rank=rank, metrics=history[-1] if history else {})
     return history
+
+
+def run_step(t: Trainer, metrics_log: MetricsLog | None, steps_this_run: int) -> dict:
+    """One step with what follows it: evaluation, metrics, hooks and the checkpoint."""
+    cfg, rank, hook = t.job.config, t.mesh.rank, t.job.plugins.hook
+    metrics = train_step(t)
+    metrics["steps_this_run"] = steps_this_run
+    every = cfg.checkpoint.every
+    saving = bool(every) and (t.step % every == 0 or t.step == cfg.train.steps)
+    if eval_due(cfg, t.step, saving):
+        found = evaluate(t)
+        metrics.update(found)
+        hook.on_eval_end(config=cfg, rank=rank, step=t.step, metrics=found)
+    if metrics_log:
+        metrics_log.write(metrics)
+    hook.on_step_end(config=cfg, rank=rank, step=t.step, metrics=metrics)
+    if saving:
+        path = save_checkpoint(t)
+        hook.on_checkpoint_saved(config=cfg, rank=rank, step=t.step, path=path)
+    return metrics
 
 
 def build_trainer(job: Job) -> Trainer:
@@ -111,7 +121,7 @@ def build_trainer(job: Job) -> Trainer:
         ),
         optimizer=optimizer,
         lr_schedule=build_lr_schedule(optimizer, cfg.train),
-        data=job.source.open(job.data_options, data_context(job, mesh.dp_rank)),
+        data=Prefetcher(job.source.open(job.data_options, data_context(job, mesh.dp_rank))),
         peak_flops=peak_flops(mesh, cfg.train.precision),
     )
     if resume_from is not None:
@@ -130,7 +140,7 @@ def train_step(t: Trainer) -> dict:
     t.lr_schedule.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
-    stats = _global_stats(t, loss, cpu_start)
+    stats = _global_stats(t, loss, cpu_start, t.data.wait_s)
     elapsed = time.perf_counter() - start
     # 6 FLOPs per matmul parameter and token (fwd + bwd) plus attention scores (PaLM, app. B).
     attention = 12 * shape.num_layers * shape.num_heads * shape.head_dim * cfg.train.seq_len
@@ -147,6 +157,7 @@ def train_step(t: Trainer) -> dict:
         **stats["memory"],
         "cpu_s": stats["cpu_s"],
         "pp_busy_s": stats["pp_busy_s"],
+        "data_wait_s": stats["data_wait_s"],
     }
 
 
@@ -185,9 +196,10 @@ def evaluate(t: Trainer) -> dict:
     }
 
 
-def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
+def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float, wait_s: float) -> dict:
     """Loss, memory, CPU and compute time over the world, in two all-reduces. Per pp rank: the
-    mean compute seconds (the rest of the step is its pipeline bubble) and the peak memory."""
+    mean compute seconds (the rest of the step is its pipeline bubble) and the peak memory.
+    The data wait is the longest any rank waited for its batch."""
     mesh, model = t.mesh, t.model
     pp, me = mesh.size("pp"), mesh.pp_rank
     # Only one rank per dp replica reports the loss, so the world-wide sum is the dp sum.
@@ -198,8 +210,9 @@ def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
     summed[:3] = torch.tensor([share, mem, time.process_time() - cpu_start])
     summed[3 + me] = t.stepper.busy_s / (mesh.world // pp)
     dist.all_reduce(summed)
-    peaks = torch.zeros(1 + pp, dtype=torch.float64, device=mesh.device)
+    peaks = torch.zeros(2 + pp, dtype=torch.float64, device=mesh.device)
     peaks[0] = peaks[1 + me] = mem
+    peaks[-1] = wait_s
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     return {
         "loss": float(summed[0]),
@@ -208,8 +221,9 @@ def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float) -> dict:
         "memory": {
             "peak_mem_total_gib": float(summed[1]),
             "peak_mem_max_rank_gib": float(peaks[0]),
-            "pp_peak_mem_gib": [round(float(v), 4) for v in peaks[1:]],
+            "pp_peak_mem_gib": [round(float(v), 4) for v in peaks[1:-1]],
         },
+        "data_wait_s": float(peaks[-1]),
     }
 
 

@@ -310,3 +310,33 @@ def test_offline_held_out_documents_are_never_trained_on(offline_run):
     assert all(same(a, b) for a, b in zip(one, two, strict=True))
     again = source.open_eval({}, ctx).next_batch()  # a new evaluation starts from the start
     assert same(again, one[0])
+
+
+def test_prefetcher_saves_the_state_of_the_last_batch_taken(tmp_path):
+    """The thread runs ahead; state_dict is that after the last batch the step took, so a
+    resume continues with exactly the next one; a failing stream fails the step."""
+    from meshtrain.prefetch import Prefetcher
+
+    ctx = make_ctx(tmp_path)
+    data = Prefetcher(packed(ctx), depth=3)
+    got = [data.next_batch() for _ in range(2)]
+    time.sleep(0.2)  # let the thread fill its queue (it is ahead of the step now)
+    state = data.state_dict()
+    resumed = Prefetcher(packed(ctx))
+    resumed.load_state_dict(state)
+    direct = packed(ctx)
+    want = [direct.next_batch() for _ in range(4)]
+    assert all(same(a, b) for a, b in zip(got, want[:2], strict=True))
+    assert same(resumed.next_batch(), want[2]) and same(data.next_batch(), want[2])
+    data.close()
+    resumed.close()
+
+    class Broken:
+        def next_batch(self):
+            raise ValueError("bad row")
+
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(ValueError, match="bad row"):
+        Prefetcher(Broken()).next_batch()

@@ -133,26 +133,96 @@ def test_second_prepare_reuses_the_token_cache(tmp_path, tokenizer_dir, monkeypa
     assert len(list((ctx.cache_dir / "tokens").iterdir())) == 1
 
 
-def test_streaming_matches_the_packed_order_and_resumes(tmp_path, tokenizer_dir):
-    path = write_jsonl(tmp_path / "c.jsonl", DOCS)
-    base = {"dataset": str(path), "tokenizer": str(tokenizer_dir), "shuffle": False}
-    source, ctx, _ = prepare_and_open(tmp_path / "packed", base)
-    packed = source.open(base, ctx)
-    stream_opts = {**base, "streaming": True}
-    source, sctx, _ = prepare_and_open(tmp_path / "stream", stream_opts)
-    streams = [
-        source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=r, grad_acc=1))
-        for r in range(2)
-    ]
-    for _ in range(3):
-        batch = cat([s.next_batch() for s in streams])
-        assert same(packed.next_batch(), batch)
-        assert batch.inputs.shape == (4, 16) and torch.equal(
-            batch.labels[:, :-1], batch.inputs[:, 1:]
+def streaming_corpus(tmp: Path, files: int, per_file: int) -> Path:
+    """A folder of jsonl files; document i says its own number (so each text is unique)."""
+    folder = tmp / "corpus"
+    folder.mkdir(parents=True)
+    for f in range(files):
+        docs = [DOCS[i % len(DOCS)].replace("Document", f"Doc {f}.{i}") for i in range(per_file)]
+        write_jsonl(folder / f"part{f:02d}.jsonl", docs)
+    return folder
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer and records every text it encodes."""
+
+    def __init__(self, inner):
+        self.inner, self.texts = inner, []
+
+    def __call__(self, texts, **kwargs):
+        self.texts += list(texts)
+        return self.inner(texts, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def open_streams(source, options, ctx, dp: int) -> list:
+    """Every dp rank's stream at the global batch of `ctx` (4 rows), tokenizers counted."""
+    streams = []
+    for rank in range(dp):
+        rows = 4 // dp
+        grad_acc = 2 if rows >= 2 else 1
+        rank_ctx = dataclasses.replace(
+            ctx, dp=dp, dp_rank=rank, micro_batch_size=rows // grad_acc, grad_acc=grad_acc
         )
-    resumed = source.open(stream_opts, dataclasses.replace(sctx, dp=2, dp_rank=1, grad_acc=1))
-    resumed.load_state_dict(streams[1].state_dict())
-    assert same(resumed.next_batch(), streams[1].next_batch())
+        stream = source.open(options, rank_ctx)
+        stream.tokenizer = CountingTokenizer(stream.tokenizer)
+        streams.append(stream)
+    return streams
+
+
+def test_streaming_reads_each_document_once_and_batches_do_not_depend_on_dp(
+    tmp_path, tokenizer_dir
+):
+    """A folder of jsonl files at dp 1, 2 and 4 (global batch 4 rows): the same global batches;
+    the dp ranks tokenize disjoint documents that together are every document read."""
+    folder = streaming_corpus(tmp_path, files=3, per_file=40)
+    options = {"dataset": str(folder), "tokenizer": str(tokenizer_dir), "streaming": True}
+    source, ctx, _ = prepare_and_open(tmp_path / "s", options, micro_batch_size=2, grad_acc=2)
+    runs = {dp: open_streams(source, options, ctx, dp) for dp in (1, 2, 4)}
+    batches = {
+        dp: [cat([s.next_batch() for s in streams]) for _ in range(6)]
+        for dp, streams in runs.items()
+    }
+    for dp in (2, 4):
+        assert all(same(a, b) for a, b in zip(batches[1], batches[dp], strict=True)), dp
+    assert batches[1][0].inputs.shape == (4, 16)
+    for dp, streams in runs.items():
+        texts = [t for s in streams for t in s.tokenizer.texts]
+        assert len(texts) == len(set(texts)) == 120, dp  # every document once, in all
+        per_rank = [len(s.tokenizer.texts) for s in streams]
+        assert per_rank == [120 // dp] * dp, per_rank  # a 1/dp share each
+
+
+def test_streaming_resumes_without_reading_again_and_in_another_layout(tmp_path, tokenizer_dir):
+    """Resumed at step 3 (same layout): the next batches are the uninterrupted run's and the
+    reader starts at the saved place (no document tokenized twice). From dp2 into dp1: the same
+    batches too (re-read to the saved place). Memory: the lanes' queues stay about a chunk of
+    documents while the corpus is 10x the tokens read."""
+    folder = streaming_corpus(tmp_path, files=6, per_file=600)
+    options = {"dataset": str(folder), "tokenizer": str(tokenizer_dir), "streaming": True}
+    source, ctx, _ = prepare_and_open(tmp_path / "s", options, micro_batch_size=2, grad_acc=2)
+    full = open_streams(source, options, ctx, 2)
+    states, batches, queued = [], [], []
+    for step in range(8):
+        if step == 3:
+            states = [s.state_dict() for s in full]
+        batches.append(cat([s.next_batch() for s in full]))
+        queued.append(sum(len(q) for s in full for q in s.queues.values()))
+    resumed = open_streams(source, options, ctx, 2)
+    for stream, state in zip(resumed, states, strict=True):
+        stream.load_state_dict(state)
+    again = [cat([s.next_batch() for s in resumed]) for _ in range(5)]
+    assert all(same(a, b) for a, b in zip(batches[3:], again, strict=True))
+    seen = {t for s in full for t in s.tokenizer.texts[: len(s.tokenizer.texts) // 2]}
+    assert not seen & {t for s in resumed for t in s.tokenizer.texts[:10]}
+    (single,) = open_streams(source, options, ctx, 1)
+    single.load_state_dict(states[0])  # rank 0's state, as a checkpoint in another layout
+    assert all(same(a, single.next_batch()) for a in batches[3:5])
+    tokens_read = sum(s.document for s in full) // 2 * 60  # ~60 tokens a document
+    assert tokens_read * 10 < 3600 * 60  # the corpus is more than 10x what was read
+    assert max(queued) < 4 * 256 * 60  # a few chunks of documents, whatever the corpus
 
 
 def error_of(tmp: Path, options: dict, **ctx_kw) -> str:

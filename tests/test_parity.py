@@ -247,8 +247,8 @@ def test_bf16_layout_matches_bf16_single_process_and_fp32(results):
 
 
 def test_hf_jsonl_source_with_custom_column_keeps_parity_over_dp(tmp_path):
-    """A local jsonl file (text in column "body") and a tokenizer folder through source = "hf";
-    dp=2 gives the dp=1 losses."""
+    """A local jsonl file (text in column "body") and a tokenizer folder through source = "hf",
+    packed and streaming; dp=2 gives the dp=1 losses."""
     from meshtrain_data.tokenizer import train_byte_level_bpe
 
     docs = [
@@ -264,12 +264,24 @@ def test_hf_jsonl_source_with_custom_column_keeps_parity_over_dp(tmp_path):
         'data.text_column="body"',
         f'data.tokenizer="{tmp_path / "tok"}"',
     ]
-    one = run_world(1, [(LLAMA, [*layout()[1], *source, f'run.dir="{tmp_path / "a"}"'])], tmp_path)[
-        0
-    ]
-    two = run_world(
-        2, [(LLAMA, [*layout(dp=2)[1], *source, f'run.dir="{tmp_path / "b"}"'])], tmp_path
-    )[0]
+    streaming = [*source, "data.streaming=true"]
+    one, one_streaming = run_world(
+        1,
+        [
+            (LLAMA, [*layout()[1], *source, f'run.dir="{tmp_path / "a"}"']),
+            (LLAMA, [*layout()[1], *streaming, f'run.dir="{tmp_path / "c"}"']),
+        ],
+        tmp_path,
+    )
+    two, two_streaming = run_world(
+        2,
+        [
+            (LLAMA, [*layout(dp=2)[1], *source, f'run.dir="{tmp_path / "b"}"']),
+            (LLAMA, [*layout(dp=2)[1], *streaming, f'run.dir="{tmp_path / "d"}"']),
+        ],
+        tmp_path,
+    )
     assert one[-1]["loss"] < one[0]["loss"]
-    for a, b in zip(one, two, strict=True):
+    # Streaming at dp2: each rank tokenizes only its share, and the losses are dp1's.
+    for a, b in [*zip(one, two, strict=True), *zip(one_streaming, two_streaming, strict=True)]:
         assert abs(a["loss"] - b["loss"]) <= RTOL * abs(a["loss"]), (a, b)

@@ -7,7 +7,8 @@
 
 `prepare` tokenizes the split once into the token cache (see `packing`), keyed by the files'
 content hash (or the hub dataset's fingerprint) and the tokenizer's; `open` memory-maps it. With
-`streaming = true`, `prepare` only checks the inputs and each worker tokenizes as it trains.
+`streaming = true`, `prepare` only checks the inputs and each dp rank tokenizes its own share
+of the documents as it trains (see `streaming`).
 
 Held-out data for `[eval]`: `eval_split` / `eval_dataset` when set (packed whole by `prepare`,
 also for streaming runs), else every 1/eval_share-th document of the split, never trained on.
@@ -242,9 +243,10 @@ def _open_stream(opts: HFOptions, ctx: DataContext) -> StreamingStream:
 
     ref = resolve_dataset(opts.dataset)
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.run_dir / "tokenizer"))
-
-    def texts() -> Any:
-        rows = load_rows(ref, opts, ctx.cache_dir, streaming=True)
-        return (b[opts.text_column] for b in rows.iter(batch_size=BATCH_ROWS))
-
-    return StreamingStream(texts, tokenizer, ctx, describe=opts.dataset)
+    return StreamingStream(
+        lambda: load_rows(ref, opts, ctx.cache_dir, streaming=True),
+        opts.text_column,
+        tokenizer,
+        ctx,
+        describe=opts.dataset,
+    )

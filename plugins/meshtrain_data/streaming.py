@@ -1,74 +1,162 @@
-"""Windows cut while reading (`streaming = true`): for corpora too big to pack up front.
+"""Windows cut while reading (`streaming = true`): corpora larger than memory, read by dp share.
 
-Documents are read in dataset order (no shuffle), joined with EOS and cut into windows of
-seq_len + 1 tokens with stride seq_len, exactly as the packed cache would cut them; the tokens
-left over at the end of an epoch carry into the next. Every rank reads and tokenizes the whole
-stream and keeps its own rows of each global batch, so the batches do not depend on dp; resuming
-re-reads the stream up to the saved position (cheap next to training, but not free).
+Lanes. Row j of every global batch (j < G = micro_batch_size * grad_acc * dp) comes from lane j,
+and lane j owns the documents whose index d in the stream has d % G == j: it joins them with
+EOS and cuts windows of seq_len + 1 tokens with stride seq_len, as the packed cache does; what is
+left at the end of an epoch carries into the next. G is the global batch, so which tokens form a
+global batch does not depend on dp (nor on grad_acc or micro_batch_size at a given G). A dp rank
+owns lanes [r * n, (r + 1) * n), n = micro_batch_size * grad_acc: it tokenizes only its own
+documents (a 1/dp share) and skips the others' without decoding them.
+
+One reader per rank walks the stream once; each own lane keeps the tokens of documents it has
+been handed and not yet cut, so memory is the lanes' queues (a document or so each), not the
+corpus. Resume: the reader's position (`datasets`' own state: the file and the row in it), the
+queues and the document index; nothing already read is read again. In another dp layout the
+queues of the new lanes are not in the checkpoint: the stream is then re-read from its start up
+to the saved document (correct, slower).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from meshtrain.api import Batch, DataContext, UserError
-from meshtrain_data.packing import encode_documents
 
 log = logging.getLogger("meshtrain.data")
+CHUNK = 256
+"""Documents read per tokenizer call (the own ones among them)."""
 
 
 class StreamingStream:
-    """A `DataStream` over batches of texts from `open_texts()`, re-opened every epoch."""
+    """A `DataStream` over `open_rows()`: a `datasets.IterableDataset` of dicts with `column`."""
 
     def __init__(
         self,
-        open_texts: Callable[[], Iterable[list[Any]]],
+        open_rows: Callable[[], Any],
+        column: str,
         tokenizer: Any,
         ctx: DataContext,
         *,
         describe: str,
     ):
-        self.open_texts, self.tokenizer, self.ctx = open_texts, tokenizer, ctx
-        self.describe = describe
-        self.rows = ctx.micro_batch_size * ctx.grad_acc
+        self.open_rows, self.column, self.tokenizer = open_rows, column, tokenizer
+        self.describe, self.size = describe, ctx.seq_len + 1
+        self.lanes_total = ctx.global_batch
+        rows = ctx.micro_batch_size * ctx.grad_acc
+        self.lanes = range(ctx.dp_rank * rows, (ctx.dp_rank + 1) * rows)
+        self.queues: dict[int, list[int]] = {lane: [] for lane in self.lanes}
         self.position = 0  # global windows consumed
         self.epoch = 0
-        self._windows = self._cut()
+        self.document = 0  # index in this epoch of the next document the reader yields
+        self.tokenized = 0  # documents this rank tokenized (for tests and logs)
+        self._dataset: Any = None
+        self._reader: Iterator[dict] | None = None
 
-    def _cut(self) -> Iterator[list[int]]:
-        size, buffer = self.ctx.seq_len + 1, []
-        for epoch in itertools.count():
-            self.epoch = epoch
-            if epoch:
-                log.info("data: epoch %d begins (streaming %s)", epoch, self.describe)
-            produced = False
+    # -------------------------------------------------------------------- reading
+
+    def _open(self, state: Mapping[str, Any] | None = None) -> None:
+        self._dataset = self.open_rows()
+        if state is not None:
+            self._dataset.load_state_dict(dict(state))
+        self._reader = iter(self._dataset)
+
+    def _read_chunk(self, limit: int = CHUNK) -> None:
+        """Read up to `limit` documents; tokenize the own ones into their lanes' queues."""
+        if self._reader is None:
+            self._open()
+        own: list[tuple[int, str]] = []
+        for _ in range(limit):
+            row = next(self._reader, None)
+            if row is None:
+                self._next_epoch()
+                break
+            lane = self.document % self.lanes_total
+            self.document += 1
+            if lane in self.queues:
+                text = row.get(self.column)
+                if isinstance(text, str) and text:
+                    own.append((lane, text))
+        if own:
             eos = self.tokenizer.eos_token_id
-            for ids, _ in encode_documents(self.open_texts(), self.tokenizer, eos):
-                produced = True
-                buffer.extend(ids)
-                while len(buffer) >= size:
-                    yield buffer[:size]
-                    del buffer[: size - 1]  # neighbours share one token, as in the packed cache
-            if not produced:
-                raise UserError(f"data.dataset: {self.describe!r} holds no text")
+            encoded = self.tokenizer([t for _, t in own], add_special_tokens=False)["input_ids"]
+            for (lane, _), ids in zip(own, encoded, strict=True):
+                self.queues[lane].extend(ids)
+                self.queues[lane].append(eos)
+            self.tokenized += len(own)
+
+    def _next_epoch(self) -> None:
+        if self.document == 0:
+            raise UserError(f"data.dataset: {self.describe!r} holds no rows")
+        if self.document < self.lanes_total:
+            raise UserError(
+                f"data.dataset: {self.describe!r} holds {self.document} documents, fewer than "
+                f"the {self.lanes_total} rows of a global batch (streaming gives each row "
+                "documents of its own)"
+            )
+        self.epoch += 1
+        self.document = 0
+        log.info("data: epoch %d begins (streaming %s)", self.epoch, self.describe)
+        self._open()
+
+    # -------------------------------------------------------------------- DataStream
 
     def next_batch(self) -> Batch:
-        lo = self.ctx.dp_rank * self.rows
-        window = list(itertools.islice(self._windows, self.ctx.global_batch))
-        self.position += self.ctx.global_batch
-        rows = torch.tensor(window[lo : lo + self.rows], dtype=torch.long)  # (n, S + 1)
-        return Batch(rows[:, :-1].contiguous(), rows[:, 1:].contiguous())
+        rows = []
+        for lane in self.lanes:
+            queue = self.queues[lane]
+            start_epoch = self.epoch
+            while len(queue) < self.size:
+                self._read_chunk()
+                if self.epoch > start_epoch + 1:  # two passes gave this lane no window
+                    raise UserError(
+                        f"data.dataset: {self.describe!r} is too small for streaming: row "
+                        f"{lane} of the global batch got fewer than train.seq_len + 1 tokens "
+                        "in a whole epoch"
+                    )
+            rows.append(queue[: self.size])
+            del queue[: self.size - 1]  # neighbours share one token, as in the packed cache
+        self.position += self.lanes_total
+        windows = torch.tensor(rows, dtype=torch.long)  # (n, S + 1)
+        return Batch(windows[:, :-1].contiguous(), windows[:, 1:].contiguous())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "position": self.position}
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "document": self.document,
+            "lanes_total": self.lanes_total,
+            "queues": {str(lane): list(queue) for lane, queue in self.queues.items()},
+            "reader": self._dataset.state_dict() if self._dataset is not None else None,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._windows = self._cut()
+        queues = state.get("queues") or {}
+        mine = {str(lane) for lane in self.lanes}
+        if state.get("lanes_total") != self.lanes_total:
+            raise UserError(
+                "train.micro_batch_size: a streaming run resumes at the same global batch "
+                f"({state.get('lanes_total')} rows), this run has {self.lanes_total}"
+            )
         self.position = int(state["position"])
-        for _ in itertools.islice(self._windows, self.position):
-            pass
+        if mine <= set(queues) and state.get("reader") is not None:
+            self.epoch, self.document = int(state["epoch"]), int(state["document"])
+            self.queues = {lane: list(queues[str(lane)]) for lane in self.lanes}
+            self._open(state["reader"])
+            return
+        # Another dp layout: rebuild this rank's lanes by reading up to the saved place, then
+        # drop the tokens the windows so far took (each window advances a lane by seq_len).
+        log.info("data: streaming resume in another layout re-reads %s", self.describe)
+        epoch, document = int(state["epoch"]), int(state["document"])
+        self.queues = {lane: [] for lane in self.lanes}
+        self.epoch = self.document = 0
+        self._dataset = self._reader = None
+        while (self.epoch, self.document) < (epoch, document):
+            left = CHUNK if self.epoch < epoch else min(CHUNK, document - self.document)
+            self._read_chunk(left)
+        taken = self.position // self.lanes_total * (self.size - 1)
+        for queue in self.queues.values():
+            del queue[:taken]
