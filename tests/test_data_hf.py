@@ -130,7 +130,7 @@ def test_second_prepare_reuses_the_token_cache(tmp_path, tokenizer_dir, monkeypa
     monkeypatch.setattr(meshtrain_data.packing, "encode_documents", must_not_tokenize)
     source.prepare(options, ctx)
     assert same(source.open(options, ctx).next_batch(), first)
-    assert len(list((ctx.cache_dir / "tokens").iterdir())) == 1
+    assert len(list((ctx.cache_dir / "tokens").iterdir())) == 2  # training and held-out
 
 
 def streaming_corpus(tmp: Path, files: int, per_file: int) -> Path:
@@ -295,3 +295,18 @@ def test_vocab_larger_than_the_model_names_both_keys(tmp_path, tokenizer_dir):
 def test_unknown_key_is_reported_with_a_suggestion(tmp_path):
     message = error_of(tmp_path, {"dataset": "x.jsonl", "text_colum": "body"})
     assert message == "data.text_colum: unknown key (did you mean data.text_column?)"
+
+
+def test_too_few_held_out_documents_fail_eval_only(tmp_path, tokenizer_dir):
+    """40 documents at eval_share 0.02 set none aside: training prepares and opens, [eval]'s
+    stream is one line naming data.eval_share; eval_split names held-out data instead."""
+    path = write_jsonl(tmp_path / "c.jsonl", DOCS)
+    options = {"dataset": str(path), "tokenizer": str(tokenizer_dir)}
+    source, ctx, _ = prepare_and_open(tmp_path / "a", options)
+    assert source.open(options, ctx).next_batch().inputs.shape == (4, 16)
+    with pytest.raises(UserError, match=r"^data\.eval_share: 0\.02 of .* is 0 documents"):
+        source.open_eval(options, ctx)
+    held = write_jsonl(tmp_path / "v.jsonl", DOCS[:20])
+    options = {**options, "eval_dataset": str(held)}
+    source, ctx, _ = prepare_and_open(tmp_path / "b", options)
+    assert source.open_eval(options, ctx).next_batch().inputs.shape == (4, 16)

@@ -34,6 +34,7 @@ from meshtrain_data.packing import (
     check_enough,
     content_key,
     hash_file,
+    held_out_problem,
     load_tokens,
     publish,
     read_pointer,
@@ -111,15 +112,14 @@ class HFSource:
                 describe=f"{opts.dataset} ({part})",
             )
             if keep_held_out:
-                check_enough(
-                    meta, ctx, f"the held-out share of {opts.dataset!r}", "data.eval_share"
-                )
+                found["why"] = held_out_problem(meta, ctx, share, repr(opts.dataset))
             else:
                 check_enough(meta, ctx, repr(opts.dataset))
             found[part] = out
-        publish(
-            ctx, tokenizer, found["train"], {"streaming": False, "eval": held or found.get("eval")}
-        )
+        extra = {"streaming": False, "eval": held or found.get("eval")}
+        if not held and found.get("why"):  # too few held-out tokens: [eval] says why
+            extra.update(eval=None, eval_problem=found["why"])
+        publish(ctx, tokenizer, found["train"], extra)
 
     def open(self, options: Any, ctx: DataContext) -> DataStream:
         opts = as_options(HFOptions, options)

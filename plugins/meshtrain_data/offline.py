@@ -35,6 +35,7 @@ from meshtrain_data.packing import (
     check_enough,
     content_key,
     hash_file,
+    held_out_problem,
     load_tokens,
     publish,
     read_pointer,
@@ -93,12 +94,12 @@ class OfflineSource:
                 out,
                 describe=f"offline corpus ({part})",
             )
-            if held and opts.eval_share:
-                check_enough(meta, ctx, "the held-out share of the corpus", "data.eval_share")
-            elif not held:
+            if not held:
                 check_enough(meta, ctx, "the offline corpus")
-            found[part] = out if meta["n_tokens"] else None
-        publish(ctx, tokenizer, found["train"], {"streaming": False, "eval": found["eval"]})
+            found[part] = out
+        why = held_out_problem(meta, ctx, opts.eval_share, "the offline corpus")
+        extra = {"streaming": False, "eval": None if why else found["eval"], "eval_problem": why}
+        publish(ctx, tokenizer, found["train"], extra)
 
     def open(self, options: Any, ctx: DataContext) -> DataStream:
         opts = as_options(OfflineOptions, options)

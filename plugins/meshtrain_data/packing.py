@@ -121,23 +121,63 @@ def check_enough(
         )
 
 
+def held_out_problem(meta: dict[str, Any], ctx: DataContext, share: float, what: str) -> str:
+    """'' if the held-out cache of `meta` holds a window; else why [eval] cannot use it."""
+    if not share:
+        return "data.eval_share: 0 sets no documents aside for [eval]"
+    if meta["n_tokens"] >= ctx.seq_len + 1:
+        return ""
+    return (
+        f"data.eval_share: {share} of {what} is {meta['documents']} documents, "
+        f"{meta['n_tokens']} tokens: fewer than one window of train.seq_len + 1 = "
+        f"{ctx.seq_len + 1}; raise it (or name eval_split / eval_dataset)"
+    )
+
+
 def publish(ctx: DataContext, tokenizer: Any, tokens_dir: Path | None, extra: dict) -> None:
     """Save the tokenizer to <run_dir>/tokenizer and tell `open` where the tokens are (and
-    `open_eval` where the held-out tokens are: extra["eval"])."""
+    `open_eval` where the held-out tokens are: extra["eval"]).
+
+    Several nodes may publish into one shared run dir, each from its node-local cache: the
+    pointer holds paths relative to the cache dir (the same key on every node, since the tokens
+    are), and every file is replaced atomically, so no reader sees half a file."""
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer.save_pretrained(str(ctx.run_dir / "tokenizer"))
-    extra = {k: str(v) if isinstance(v, Path) else v for k, v in extra.items()}
-    pointer = {"tokens": str(tokens_dir) if tokens_dir else None, **extra}
-    tmp = ctx.run_dir / f"{POINTER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(pointer, indent=1))
-    os.replace(tmp, ctx.run_dir / POINTER)
+    folder = ctx.run_dir / "tokenizer"
+    tmp = ctx.run_dir / f".tokenizer.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(str(tmp))
+    folder.mkdir(exist_ok=True)
+    for item in tmp.iterdir():
+        os.replace(item, folder / item.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    pointer = {
+        "tokens": _relative(tokens_dir, ctx),
+        **{k: _relative(v, ctx) if isinstance(v, Path) else v for k, v in extra.items()},
+    }
+    tmp_pointer = ctx.run_dir / f"{POINTER}.tmp-{os.getpid()}"
+    tmp_pointer.write_text(json.dumps(pointer, indent=1))
+    os.replace(tmp_pointer, ctx.run_dir / POINTER)
+
+
+def _relative(path: Path | None, ctx: DataContext) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(Path(path).relative_to(ctx.cache_dir))
+    except ValueError:
+        return str(path)
 
 
 def read_pointer(ctx: DataContext) -> dict[str, Any]:
+    """The published pointer, its token folders resolved against this node's cache dir."""
     path = ctx.run_dir / POINTER
     if not path.is_file():
         raise RuntimeError(f"meshtrain_data: {path} is missing; call prepare() before open()")
-    return json.loads(path.read_text())
+    pointer = json.loads(path.read_text())
+    for key in ("tokens", "eval"):
+        if pointer.get(key):
+            pointer[key] = str(ctx.cache_dir / pointer[key])  # an absolute path stays as it is
+    return pointer
 
 
 def load_tokens(tokens_dir: Path) -> np.ndarray:

@@ -99,7 +99,8 @@ def open_held_out(ctx: DataContext, missing: str) -> PackedStream:
     one-line error when `prepare` set nothing aside."""
     from meshtrain_data.packing import load_tokens, read_pointer
 
-    held = read_pointer(ctx).get("eval")
+    pointer = read_pointer(ctx)
+    held = pointer.get("eval")
     if not held:
-        raise UserError(missing)
+        raise UserError(pointer.get("eval_problem") or missing)
     return PackedStream(load_tokens(Path(held)), ctx, shuffle=False)
