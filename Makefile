@@ -1,7 +1,7 @@
 # Shortcuts; CI runs .ci/run (a clean venv, then the README's test command).
 PYTHON ?= python
 
-.PHONY: test lint format bench parity memory configs schedules
+.PHONY: test lint format bench parity memory configs multinode schedules
 
 test:
 	$(PYTHON) -m pytest -q -x
@@ -24,6 +24,9 @@ memory:
 
 configs:
 	$(PYTHON) -m pytest -q -m configs
+
+multinode:
+	$(PYTHON) -m pytest -q -m multinode
 
 schedules:
 	$(PYTHON) bench/schedules.py
