@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
+from meshtrain import liveness
 from meshtrain.config import config_from_raw
 from meshtrain.errors import UserError
 from meshtrain.job import Job, resolve_job
-from meshtrain.liveness import Heartbeat, describe
 from meshtrain.metrics import PEAK_ENV, measure_peak_flops
 
 log = logging.getLogger("meshtrain")
@@ -159,18 +159,16 @@ def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:
         if job.device_type == "cpu" and "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         log.info("%s (pid %d)", STARTED, os.getpid())
-        beat = Heartbeat.start()
         try:
             run_worker(job)
         except BaseException as err:
             log.error("%s: %s", FAILED, err)
-            lost = describe(beat.lost_ranks()) if beat and not isinstance(err, UserError) else ""
+            lost = liveness.lost() if not isinstance(err, UserError) else ""
             if lost:
                 log.error("%s", lost)
             raise
         finally:
-            if beat:
-                beat.stop()
+            liveness.stop()
             close_mesh()
         log.info(FINISHED)
         return 0

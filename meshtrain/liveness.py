@@ -1,7 +1,8 @@
 """Which ranks are gone when a collective fails: heartbeats in the job's TCP store.
 
-    beat = Heartbeat.start()          # every worker: a daemon thread bumps its counter
-    beat.lost_ranks()                 # after a failure: ranks that stopped without failing
+    liveness.start()                  # every worker, once its process group is up
+    liveness.lost()                   # after a failure: 'ranks 4-7 stopped ...' or ''
+    liveness.stop()
 
 A worker killed with its node (or by the OOM killer) says nothing; its peers only see "connection
 reset" from gloo or NCCL. Each worker bumps `meshtrain/beat/<rank>` in the store that torchrun or
@@ -20,6 +21,26 @@ from datetime import timedelta
 
 log = logging.getLogger("meshtrain")
 INTERVAL = 1.0
+_current: Heartbeat | None = None
+
+
+def start() -> None:
+    """Start this worker's heartbeat (after init_process_group: rank 0 may host the store)."""
+    global _current
+    stop()
+    _current = Heartbeat.start()
+
+
+def stop() -> None:
+    global _current
+    if _current is not None:
+        _current.stop()
+    _current = None
+
+
+def lost() -> str:
+    """After a failure: a line naming the ranks that stopped without an error, or ''."""
+    return describe(_current.lost_ranks()) if _current is not None else ""
 
 
 class Heartbeat:

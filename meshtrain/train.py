@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from meshtrain import checkpoint
+from meshtrain import checkpoint, liveness
 from meshtrain.contracts import DataContext
 from meshtrain.grads import finish_grads
 from meshtrain.job import Job
@@ -93,6 +93,7 @@ def run_step(t: Trainer, metrics_log: MetricsLog | None, steps_this_run: int) ->
 def build_trainer(job: Job) -> Trainer:
     cfg = job.config
     mesh = init_mesh(cfg, job.device_type)
+    liveness.start()
     if mesh.rank == 0:
         for warning in job.warnings:
             log.warning(warning)

@@ -7,8 +7,9 @@ its own MESHTRAIN_CACHE, training configs/tiny_cpu.toml at dp2 pp2 tp2 into one 
     a lost node    node 1's agent and workers killed mid-run: node 0 ends within 60 s and names
                    the lost ranks; both started again, the run resumes from its checkpoint and
                    finishes with the uninterrupted losses
-
-`tests/slurm/run.sh` rehearses the Slurm path (see the README).
+    slurm          a one-host Slurm cluster (tests/slurm/cluster.sh, root: it installs
+                   slurm-wlm and munge with apt when missing): configs/slurm.sbatch submitted
+                   with sbatch, and srun with one task per worker, give the same losses
 """
 
 from __future__ import annotations
@@ -176,3 +177,69 @@ def test_a_lost_node_is_named_and_a_restart_resumes(reference, tmp_path):
     got = losses(run_dir)
     for step, loss in reference.items():
         assert abs(got[step] - loss) <= 1e-5 * abs(loss), (step, got[step], loss)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A one-host Slurm cluster (tests/slurm/cluster.sh: installs slurm-wlm and munge with apt
+    if missing, so it needs root); its clients' environment."""
+    folder = tmp_path_factory.mktemp("slurm")
+    script = ROOT / "tests" / "slurm" / "cluster.sh"
+    result = subprocess.run(
+        [str(script), "start", str(folder)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf"), "OMP_NUM_THREADS": "1"}
+    yield folder, env
+    subprocess.run([str(script), "stop", str(folder)], check=False)
+
+
+def test_sbatch_script_and_srun_give_the_single_launcher_losses(reference, slurm, tmp_path):
+    """configs/slurm.sbatch as a user submits it (one node of 8 workers here: the one host),
+    and plain srun with one task per worker."""
+    folder, env = slurm
+    env = {**env, "MESHTRAIN_CACHE": str(tmp_path / "cache")}
+    batch = subprocess.run(
+        [
+            "sbatch",
+            "--wait",
+            "--nodes=1",
+            f"--output={tmp_path / 'job.out'}",
+            "configs/slurm.sbatch",
+            *settings(tmp_path / "sbatch"),
+        ],
+        cwd=ROOT,
+        env={**env, "CONFIG": "configs/tiny_cpu.toml", "NPROC_PER_NODE": "8"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert batch.returncode == 0, batch.stderr + (tmp_path / "job.out").read_text()[-3000:]
+    tasks = subprocess.run(
+        [
+            "srun",
+            "--ntasks=8",
+            "--cpus-per-task=1",
+            sys.executable,
+            "-m",
+            "meshtrain",
+            "run",
+            str(TINY),
+            *settings(tmp_path / "srun"),
+        ],
+        cwd=ROOT,
+        env={
+            **env,
+            "MASTER_ADDR": socket.gethostname().split(".")[0],
+            "MASTER_PORT": str(free_port()),
+        },
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert tasks.returncode == 0, tasks.stderr[-3000:]
+    assert "Traceback" not in tasks.stderr and "timed out" not in tasks.stderr
+    for run in ("sbatch", "srun"):
+        got = losses(tmp_path / run)
+        for step, loss in reference.items():
+            assert abs(got[step] - loss) <= 1e-5 * abs(loss), (run, step, got[step], loss)
