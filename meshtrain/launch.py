@@ -173,7 +173,15 @@ def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:
         log.info(FINISHED)
         return 0
 
-    return main()
+    logger = logging.getLogger("meshtrain")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    try:
+        return main()
+    finally:  # the in-process world of one gives the caller its logging back
+        for handler in list(logger.handlers):
+            if handler not in saved[0]:
+                handler.close()
+        logger.handlers[:], logger.propagate, logger.level = saved
 
 
 def _setup_worker_logging(run_dir: Path, rank: int) -> None:
