@@ -88,7 +88,16 @@ def test_builtins_register_through_entry_points():
     models = next(info for info in plugins.describe() if info.name == "meshtrain_models")
     assert models.distribution == "meshtrain" and models.hooks == ["model_families"]
     assert models.provides == {
-        "model_families": ["gemma", "llama", "mistral", "olmo2", "phi3", "qwen2", "qwen3"]
+        "model_families": [
+            "gemma",
+            "gpt_neox",
+            "llama",
+            "mistral",
+            "olmo2",
+            "phi3",
+            "qwen2",
+            "qwen3",
+        ]
     }
 
 
