@@ -36,8 +36,6 @@ def data_problems(source: Any, options: Any, config: Config, shape: ModelShape |
 
 def context(config: Config, vocab_size: int, dp_rank: int) -> DataContext:
     """The DataContext of `config` for dp rank `dp_rank` (vocab_size 0: not known)."""
-    from meshtrain.train import cache_dir
-
     return DataContext(
         seq_len=config.train.seq_len,
         micro_batch_size=config.train.micro_batch_size,
@@ -49,6 +47,11 @@ def context(config: Config, vocab_size: int, dp_rank: int) -> DataContext:
         run_dir=config.run_dir,
         cache_dir=cache_dir(),
     )
+
+
+def cache_dir() -> Path:
+    """Where data sources cache corpora and tokenizers ($MESHTRAIN_CACHE or ~/.cache/meshtrain)."""
+    return Path(os.environ.get("MESHTRAIN_CACHE", Path.home() / ".cache" / "meshtrain"))
 
 
 def run_problems(job: Job) -> list[str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from meshtrain import checkpoint, liveness
+from meshtrain import checkpoint, liveness, preflight
 from meshtrain.contracts import DataContext
 from meshtrain.grads import finish_grads
 from meshtrain.job import Job
@@ -264,20 +263,5 @@ def _states(t: Trainer) -> dict[str, Any]:
 
 
 def data_context(job: Job, dp_rank: int) -> DataContext:
-    cfg = job.config
-    return DataContext(
-        seq_len=cfg.train.seq_len,
-        micro_batch_size=cfg.train.micro_batch_size,
-        grad_acc=cfg.train.grad_acc,
-        dp=cfg.parallel.dp,
-        dp_rank=dp_rank,
-        seed=cfg.train.seed,
-        vocab_size=job.shape.vocab_size,
-        run_dir=cfg.run_dir,
-        cache_dir=cache_dir(),
-    )
-
-
-def cache_dir() -> Path:
-    """Where data sources cache corpora and tokenizers ($MESHTRAIN_CACHE or ~/.cache/meshtrain)."""
-    return Path(os.environ.get("MESHTRAIN_CACHE", Path.home() / ".cache" / "meshtrain"))
+    """The DataContext of dp rank `dp_rank` of `job`."""
+    return preflight.context(job.config, job.shape.vocab_size, dp_rank)
