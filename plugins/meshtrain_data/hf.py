@@ -57,23 +57,20 @@ class HFSource:
         without tokenizing (a first row is read)."""
         opts = as_options(HFOptions, options)
         problems = _collect(lambda: _check_rows(opts, ctx, resolve_dataset(opts.dataset)))
-        tokenizer = None
 
-        def tokenizer_ok() -> None:
-            nonlocal tokenizer
+        def tokenizer_fits() -> None:
             tokenizer = load_tokenizer(opts.tokenizer)
             if ctx.vocab_size:
                 check_tokenizer(tokenizer, ctx.vocab_size)
 
-        problems += _collect(tokenizer_ok)
-        explicit = _collect(lambda: _explicit_eval(opts))
-        problems += explicit
-        if not explicit and _explicit_eval(opts) is not None:
+        problems += _collect(tokenizer_fits)
+        try:
             held = _explicit_eval(opts)
-            problems += [
-                _eval_keys(line, opts)
-                for line in _collect(lambda: _check_rows(held, ctx, resolve_dataset(held.dataset)))
-            ]
+        except UserError as err:
+            return problems + err.problems
+        if held is not None:
+            found = _collect(lambda: _check_rows(held, ctx, resolve_dataset(held.dataset)))
+            problems += [_eval_keys(line, opts) for line in found]
         return problems
 
     def prepare(self, options: Any, ctx: DataContext) -> None:
