@@ -3,6 +3,8 @@
 
     data_problems(source, options, config, shape)   the data source's own `check`
     run_problems(job)                               run dir, checkpoint to resume, HF weights
+
+It also builds the DataContext every data source call gets (`context`, `cache_dir`).
 """
 
 from __future__ import annotations
