@@ -24,7 +24,7 @@ from meshtrain.contracts import (
     PipelineSchedule,
     StagePlan,
 )
-from meshtrain.errors import ConfigError, UserError, suggest
+from meshtrain.errors import ConfigError, UserError, first_line, suggest
 from meshtrain.hub import hub_offline, hub_problem, looks_like_hub_id, offline_error, require_hub
 
 _LAZY = {
@@ -47,6 +47,7 @@ __all__ = [
     "PipelineSchedule",
     "StagePlan",
     "UserError",
+    "first_line",
     "hookimpl",
     "hub_offline",
     "hub_problem",

@@ -92,7 +92,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshtrain.job import resolve_job
     from meshtrain.launch import launch  # the heavy part; `check` works without it
 
-    job = resolve_job(load_config(args.config, args.overrides), preflight=True)
+    # Under torchrun or srun every worker runs this command: the file checks run once per node,
+    # on local rank 0, which also prepares the data (the others would only repeat them).
+    once_per_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    job = resolve_job(load_config(args.config, args.overrides), preflight=once_per_node)
     return int(launch(job) or 0)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from meshtrain.errors import UserError
+from meshtrain.errors import UserError, first_line
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -122,7 +122,7 @@ def _safetensors_files(folder: Path) -> dict[str, Path]:
         with safe_open(str(single), framework="pt") as handle:
             return {name: single for name in handle.keys()}  # noqa: SIM118
     except Exception as err:  # safetensors' own error types for truncated or garbled files
-        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        text = first_line(err)
         raise UserError(
             f"model.name: {single} is not a readable safetensors file ({text})"
         ) from None
@@ -152,7 +152,7 @@ def hf_weight_problems(job: Any) -> list[str]:
         try:
             handles[path] = safe_open(str(path), framework="pt")
         except Exception as err:  # safetensors raises its own errors for truncated headers
-            text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            text = first_line(err)
             problems.append(f"model.name: {path} is not a readable safetensors file ({text})")
     if problems:
         return problems

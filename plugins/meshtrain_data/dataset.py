@@ -9,11 +9,19 @@ Local files go through the `datasets` packaged builders (text, json, parquet), h
 from __future__ import annotations
 
 import glob
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meshtrain.api import UserError, hub_offline, looks_like_hub_id, offline_error, require_hub
+from meshtrain.api import (
+    UserError,
+    first_line,
+    hub_offline,
+    looks_like_hub_id,
+    offline_error,
+    require_hub,
+)
 from meshtrain_data.options import HFOptions
 
 KEY = "data.dataset"
@@ -75,9 +83,10 @@ def _builder(value: str, files: list[Path]) -> str:
     return builders.pop()
 
 
-def check_files(ref: DatasetRef) -> None:
-    """Local text and JSON files decode as UTF-8 and, for .jsonl, hold one JSON object per line;
-    else one line naming the file and the line (datasets would fail deep inside pyarrow)."""
+def check_files(ref: DatasetRef, max_lines: int | None = None) -> None:
+    """Local text and JSON files decode as UTF-8 and, for .jsonl, hold one JSON object per line
+    (the first `max_lines` of each, or all); else one line naming the file and the line (datasets
+    would fail deep inside pyarrow)."""
     import json
 
     for path in ref.files:
@@ -85,7 +94,7 @@ def check_files(ref: DatasetRef) -> None:
             continue
         whole_json = path.suffix == ".json" and _starts_with(path, b"[")
         with open(path, "rb") as f:
-            for number, raw in enumerate(f, 1):
+            for number, raw in enumerate(itertools.islice(f, max_lines), 1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as err:
@@ -142,13 +151,8 @@ def load_rows(
             raise offline_error(KEY, ref.value, "file, folder or glob") from None
         key = "data.split" if "split" in str(err).lower() else KEY
         raise UserError(
-            f"{key}: cannot load {ref.value!r} (split {options.split!r}): {_first_line(err)}"
+            f"{key}: cannot load {ref.value!r} (split {options.split!r}): {first_line(err)}"
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_column(rows: Any, column: str, value: str) -> None:

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from meshtrain.api import DataContext, DataStream, UserError
+from meshtrain.api import DataContext, DataStream, UserError, first_line
 from meshtrain_data.dataset import (
     DatasetRef,
     check_column,
@@ -45,6 +45,8 @@ from meshtrain_data.streaming import StreamingStream
 from meshtrain_data.tokenizer import check_tokenizer, fingerprint, load_tokenizer
 
 BATCH_ROWS = 1000  # documents per tokenizer call: big enough for the Rust side to go parallel
+CHECK_LINES = 10_000
+"""Lines of each local file `check` decodes before workers start; `prepare` decodes all."""
 
 
 class HFSource:
@@ -76,15 +78,15 @@ class HFSource:
     def prepare(self, options: Any, ctx: DataContext) -> None:
         opts = as_options(HFOptions, options)
         ref = resolve_dataset(opts.dataset)
-        check_files(ref)
         tokenizer = load_tokenizer(opts.tokenizer)
         eos = check_tokenizer(tokenizer, ctx.vocab_size)
         explicit = _explicit_eval(opts)
         held = _pack_eval(explicit, opts, ctx, tokenizer, eos) if explicit else None
-        if opts.streaming:
-            _check_stream(ref, opts, ctx)
+        if opts.streaming:  # larger than memory, perhaps: only its first lines are read here
+            _check_rows(opts, ctx, ref)
             publish(ctx, tokenizer, None, {"streaming": True, "eval": held})
             return
+        check_files(ref)  # every line: the whole split is tokenized next anyway
         share = 0.0 if explicit else opts.eval_share
         rows = load_rows(ref, opts, ctx.cache_dir)
         check_column(rows, opts.text_column, opts.dataset)
@@ -145,14 +147,14 @@ def _collect(check: Any) -> list[str]:
 
 
 def _check_rows(opts: HFOptions, ctx: DataContext, ref: DatasetRef) -> None:
-    """Local files decode (every line, see `check_files`); the split opens, has a first row,
-    and that row has the text column (holding text)."""
-    check_files(ref)
+    """The first lines of local files decode (`prepare` reads them all), the split opens, has a
+    first row, and that row has the text column (holding text)."""
+    check_files(ref, max_lines=CHECK_LINES)
     rows = load_rows(ref, opts, ctx.cache_dir, streaming=True)
     try:
         first = next(iter(rows), None)
     except Exception as err:  # datasets / pyarrow decoding errors
-        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        text = first_line(err)
         raise UserError(f"data.dataset: cannot read {opts.dataset!r}: {text}") from None
     if first is None:
         raise UserError(f"data.dataset: {opts.dataset!r} has no rows (split {opts.split!r})")
@@ -220,19 +222,6 @@ def _data_hash(ref: DatasetRef, rows: Any) -> str:
     if ref.is_hub:
         return f"hub:{ref.value}:{getattr(rows, '_fingerprint', '')}"
     return "\n".join(f"{p.name}:{hash_file(p)}" for p in ref.files)
-
-
-def _check_stream(ref: DatasetRef, opts: HFOptions, ctx: DataContext) -> None:
-    """Open the stream and read its first row, so mistakes surface before workers start."""
-    rows = load_rows(ref, opts, ctx.cache_dir, streaming=True)
-    first = next(iter(rows), None)
-    if first is None:
-        raise UserError(f"data.dataset: {opts.dataset!r} has no rows")
-    if opts.text_column not in first:
-        raise UserError(
-            f"data.text_column: {opts.text_column!r} is not a column of "
-            f"{opts.dataset!r} (columns: {', '.join(first)})"
-        )
 
 
 def _open_stream(opts: HFOptions, ctx: DataContext) -> StreamingStream:

@@ -12,7 +12,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from meshtrain.api import UserError, hub_offline, looks_like_hub_id, offline_error, require_hub
+from meshtrain.api import (
+    UserError,
+    first_line,
+    hub_offline,
+    looks_like_hub_id,
+    offline_error,
+    require_hub,
+)
 
 KEY = "data.tokenizer"
 EOS = "<|endoftext|>"
@@ -39,19 +46,14 @@ def load_tokenizer(value: str) -> Any:
     except (OSError, ValueError) as err:
         if offline:
             raise offline_error(KEY, value, "tokenizer folder") from None
-        raise UserError(f"{KEY}: cannot load {value!r}: {_first_line(err)}") from None
+        raise UserError(f"{KEY}: cannot load {value!r}: {first_line(err)}") from None
 
 
 def _load(auto: Any, where: str, what: str, *, local_only: bool) -> Any:
     try:
         return auto.from_pretrained(where, local_files_only=local_only)
     except (OSError, ValueError, TypeError) as err:
-        raise UserError(f"{KEY}: cannot load a tokenizer from {what}: {_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+        raise UserError(f"{KEY}: cannot load a tokenizer from {what}: {first_line(err)}") from None
 
 
 def check_tokenizer(tokenizer: Any, model_vocab: int) -> int:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from meshtrain.api import hub_problem, suggest
+from meshtrain.api import first_line, hub_problem, suggest
 
 SKIPPED = {
     "_name_or_path",
@@ -72,7 +72,7 @@ def parse_model_config(
     except Exception as err:  # transformers' validators raise their own classes, with a cause
         while err.__cause__ is not None:
             err = err.__cause__
-        text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        text = first_line(err)
         return None, [f"{where}: {config_class.__name__} rejects these keys: {text}"]
     config._attn_implementation = "sdpa"  # causal without a mask; eager would not be
     return config, []
