@@ -31,11 +31,14 @@ def start() -> None:
     _current = Heartbeat.start()
 
 
-def stop() -> None:
+def stop(forget: bool = True) -> None:
+    """Stop beating and wait for the thread (a thread inside a store call at interpreter exit
+    aborts the process); `forget=False` keeps the store for `lost()` after a failure."""
     global _current
     if _current is not None:
         _current.stop()
-    _current = None
+    if forget:
+        _current = None
 
 
 def lost() -> str:
@@ -84,6 +87,8 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5 * INTERVAL)
 
     def lost_ranks(self, wait: float = 4 * INTERVAL) -> list[int] | None:
         """Ranks that stopped without failing: their beat did not move in `wait` seconds and

@@ -62,6 +62,7 @@ def run_worker(job: Job) -> list[dict]:
         while trainer.step < cfg.train.steps:
             history.append(run_step(trainer, metrics_log, len(history) + 1))
     finally:
+        liveness.stop(forget=False)  # started by build_trainer; launch may still ask lost()
         trainer.data.close()
         if metrics_log:
             metrics_log.close()
