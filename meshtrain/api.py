@@ -22,6 +22,7 @@ from meshtrain.contracts import (
     ModelFamily,
     ModelShape,
     PipelineSchedule,
+    StackedKeys,
     StagePlan,
 )
 from meshtrain.errors import ConfigError, UserError, first_line, suggest
@@ -29,6 +30,7 @@ from meshtrain.hub import hub_offline, hub_problem, looks_like_hub_id, offline_e
 
 _LAZY = {
     "ChannelShardedNorm": "meshtrain.tensor_parallel",
+    "ExpertParallel": "meshtrain.experts",
     "FusedColwiseParallel": "meshtrain.tensor_parallel",
     "KeyValueParallel": "meshtrain.tensor_parallel",
     "VocabParallelEmbedding": "meshtrain.tensor_parallel",
@@ -45,6 +47,7 @@ __all__ = [
     "ModelFamily",
     "ModelShape",
     "PipelineSchedule",
+    "StackedKeys",
     "StagePlan",
     "UserError",
     "first_line",

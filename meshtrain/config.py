@@ -43,6 +43,9 @@ class ParallelSection:
     """Pipeline-parallel degree (pipeline ranks)."""
     tp: int = _opt(1, min=1)
     """Tensor-parallel degree."""
+    ep: int = _opt(1, min=1)
+    """Expert-parallel degree: each MoE block's experts are spread over ep ranks, taken from dp
+    (ep divides dp; world = dp * pp * tp is unchanged)."""
     dp_shard: bool = False
     """Shard parameters, gradients and optimizer state over dp (FSDP2) instead of replicating."""
     sequence_parallel: bool = False

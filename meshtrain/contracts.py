@@ -46,14 +46,31 @@ class ModelShape:
     """Floats per token per layer kept for backward that tp splits (projections, MLP)."""
     matmul_params: int = 0
     """Parameters that take part in a matmul per token (layers and head, not the embedding
-    lookup); the core counts 6 FLOPs each per trained token, plus attention scores."""
+    lookup; of a mixture of experts, only the top-k experts a token uses); the core counts 6
+    FLOPs each per trained token, plus attention scores."""
+    num_experts: int = 0
+    """Experts per MoE block; 0 for a dense model."""
+    moe_layers: int = 0
+    """How many blocks are MoE blocks (StagePlan.experts)."""
+    ep_divisible: Mapping[str, int] = field(default_factory=dict)
+    """Sizes parallel.ep must divide, by config key (e.g. model.num_experts)."""
+
+
+@dataclass(frozen=True)
+class StackedKeys:
+    """A parameter kept in the checkpoint as several tensors: its entry i along dim 0 is the
+    concatenation (along dim 0) of the tensors `keys[i]`. Experts fused as (E, 2I, C) in the model
+    come from per-expert gate and up projections this way."""
+
+    keys: tuple[tuple[str, ...], ...]
 
 
 @dataclass(frozen=True, kw_only=True)
 class StagePlan:
     """How the core parallelises one pipeline stage, keyed by module path inside the stage.
 
-    The core applies it in the order tensor parallel -> activation checkpointing -> FSDP2."""
+    The core applies it in the order tensor parallel -> experts -> activation checkpointing ->
+    FSDP2."""
 
     tp: Mapping[str, Any] = field(default_factory=dict)
     """DTensor ParallelStyles for `parallelize_module` on the tp mesh. The head must return
@@ -64,8 +81,13 @@ class StagePlan:
     ac_units: tuple[str, ...] = ()
     """Modules recomputed in backward under train.activation_checkpointing (usually each
     block)."""
-    hf_keys: Mapping[str, str] = field(default_factory=dict)
-    """Stage parameter name -> key in the family's Hugging Face checkpoint, where they differ."""
+    hf_keys: Mapping[str, str | StackedKeys] = field(default_factory=dict)
+    """Stage parameter name -> key(s) in the family's Hugging Face checkpoint, where they
+    differ."""
+    experts: Mapping[str, Any] = field(default_factory=dict)
+    """MoE blocks: module path -> `meshtrain.api.ExpertParallel`, which the core applies in
+    every layout (after tensor parallel): routing, experts split over parallel.ep, the
+    all-to-all, the aux loss and the expert load metrics (meshtrain.experts)."""
 
 
 @runtime_checkable

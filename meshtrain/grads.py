@@ -3,6 +3,9 @@
     align placements -> average over dp (unless FSDP2 did) -> sum tied copies
     -> global norm over every axis -> clip
 
+Expert weights (meshtrain.experts) are held by the edp ranks only, and each already has the
+gradient of every token its ep group routed to it: they are summed over edp and divided by dp.
+
 The global norm is one world-wide all-reduce of weighted local squares: a parameter held by k ranks
 (replicated over dp or tp) counts 1/k from each, a tied copy counts 0 (its partner counts).
 """
@@ -28,22 +31,31 @@ class Tie:
 
 
 @dataclass
+class Reduction:
+    """Gradients to sum over `group` (of `size` ranks) and divide by `divisor`."""
+
+    params: list[nn.Parameter]
+    group: dist.ProcessGroup
+    size: int
+    divisor: int
+
+
+@dataclass
 class GradState:
     """What finishing needs to know about this rank's parameters."""
 
     params: list[nn.Parameter]
     norm_weights: list[float]
     ties: list[Tie]
-    dp_group: dist.ProcessGroup | None
-    """Set when gradients must still be averaged over dp (replicated dp); None under FSDP2."""
-    dp_size: int
+    reductions: list[Reduction]
+    """Averages over dp still to do (replicated dp); none under FSDP2, which did them."""
 
 
 def finish_grads(state: GradState, max_norm: float) -> float:
     """Make every gradient final and clipped; returns the global gradient norm (before clip)."""
     align_placements(state.params)
-    if state.dp_group is not None and state.dp_size > 1:
-        average(state.params, state.dp_group, state.dp_size)
+    for r in state.reductions:
+        average(r.params, r.group, r.size, r.divisor)
     for tie in state.ties:
         sum_tied(tie)
     square = weighted_square_norm(state.params, state.norm_weights)
@@ -62,13 +74,18 @@ def align_placements(params: list[nn.Parameter]) -> None:
             p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
-def average(params: list[nn.Parameter], group: dist.ProcessGroup, size: int) -> None:
-    """Average gradients over `group` in one flat buffer (one collective, not one per parameter:
-    gloo latency dominates small messages)."""
+def average(
+    params: list[nn.Parameter], group: dist.ProcessGroup, size: int, divisor: int
+) -> None:
+    """Sum gradients over `group` in one flat buffer (one collective, not one per parameter:
+    gloo latency dominates small messages) and divide by `divisor`."""
     grads = [local_grad(p) for p in params if p.grad is not None]
+    if not grads or (size == 1 and divisor == 1):
+        return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, group=group)
-    flat /= size
+    if size > 1:
+        dist.all_reduce(flat, group=group)
+    flat /= divisor
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))

@@ -224,6 +224,7 @@ def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule)
         for key, size in shape.tp_divisible_or_multiple.items()
         if size % par.tp and par.tp % size
     ]
+    problems += _expert_problems(config, shape)
     stages = par.pp * schedule.stages_per_rank
     if stages > shape.num_layers:
         problems.append(
@@ -257,6 +258,26 @@ def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule)
         problems.append(
             f"{p}: train.seq_len: {train.seq_len} must be divisible by parallel.tp "
             f"({par.tp}) for parallel.sequence_parallel"
+        )
+    return problems
+
+
+def _expert_problems(config: Config, shape: ModelShape) -> list[str]:
+    """parallel.ep against dp (where its ranks come from) and the experts it spreads."""
+    p, par = config.path, config.parallel
+    if par.ep == 1:
+        return []
+    if not shape.num_experts:
+        return [f"{p}: parallel.ep: {par.ep} but the model has no experts (a dense model)"]
+    problems = [
+        f"{p}: parallel.ep: {par.ep} does not divide {key} ({size})"
+        for key, size in shape.ep_divisible.items()
+        if size % par.ep
+    ]
+    if par.dp % par.ep:
+        problems.append(
+            f"{p}: parallel.ep: {par.ep} does not divide parallel.dp ({par.dp}); "
+            "expert-parallel ranks are taken from the data-parallel ones"
         )
     return problems
 

@@ -1,6 +1,9 @@
-"""The process group and the ("dp", "pp", "tp") DeviceMesh, tp innermost.
+"""The process group and the DeviceMesh: ("edp", "ep", "pp", "tp"), tp innermost, with "dp" the
+flattened ("edp", "ep").
 
-Size-1 axes stay in the mesh so no code branches on their absence. gloo on CPU, NCCL on CUDA.
+Expert parallelism takes its ranks from dp: dp = edp * ep, the ep ranks of one group neighbours
+in dp order; "ep" spreads experts, "edp" joins the ranks holding the same experts. Size-1 axes
+stay in the mesh so no code branches on their absence. gloo on CPU, NCCL on CUDA.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from meshtrain.config import Config
 from meshtrain.errors import UserError
 
-AXES = ("dp", "pp", "tp")
+MESH_AXES = ("edp", "ep", "pp", "tp")
 
 
 @dataclass
@@ -24,6 +27,9 @@ class Mesh:
     """This rank's place in the world."""
 
     mesh: DeviceMesh
+    """("edp", "ep", "pp", "tp")."""
+    dp_mesh: DeviceMesh
+    """The flattened ("edp", "ep") axis."""
     device: torch.device
     rank: int
     world: int
@@ -31,11 +37,15 @@ class Mesh:
     pp_rank: int
     tp_rank: int
 
+    def axis(self, name: str) -> DeviceMesh:
+        """The 1-D mesh of `name`: dp, pp, tp, ep or edp."""
+        return self.dp_mesh if name == "dp" else self.mesh[name]
+
     def size(self, axis: str) -> int:
-        return self.mesh[axis].size()
+        return self.axis(axis).size()
 
     def group(self, axis: str) -> dist.ProcessGroup:
-        return self.mesh[axis].get_group()
+        return self.axis(axis).get_group()
 
 
 def init_mesh(config: Config, device_type: str) -> Mesh:
@@ -60,10 +70,14 @@ def init_mesh(config: Config, device_type: str) -> Mesh:
         device = torch.device("cuda", torch.cuda.current_device())
     else:
         device = torch.device(device_type)
-    mesh = init_device_mesh(device_type, (par.dp, par.pp, par.tp), mesh_dim_names=AXES)
-    coords = {axis: mesh.get_local_rank(axis) for axis in AXES}
+    shape = (par.dp // par.ep, par.ep, par.pp, par.tp)
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=MESH_AXES)
+    dp_mesh = mesh["edp", "ep"]._flatten("dp")
+    coords = {axis: mesh.get_local_rank(axis) for axis in ("pp", "tp")}
+    coords["dp"] = dp_mesh.get_local_rank()
     return Mesh(
         mesh=mesh,
+        dp_mesh=dp_mesh,
         device=device,
         rank=dist.get_rank(),
         world=dist.get_world_size(),
@@ -79,7 +93,8 @@ def pp_pair_groups(
     """For each pair of pp ranks, the group of the two ranks with this rank's dp and tp
     coordinates (e.g. the ranks holding a tied embedding and head). Every rank creates every
     group, in the same order, as torch.distributed requires."""
-    ranks = mesh.mesh.mesh  # (dp, pp, tp) tensor of global ranks
+    edp, ep, pp, tp = mesh.mesh.mesh.shape
+    ranks = mesh.mesh.mesh.reshape(edp * ep, pp, tp)  # (dp, pp, tp) tensor of global ranks
     mine = {}
     for a, b in pairs:
         for d in range(ranks.shape[0]):

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from meshtrain.grads import GradState, Tie
+from meshtrain.grads import GradState, Reduction, Tie
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, pp_pair_groups
 from meshtrain.parallelize import parallelize
@@ -30,6 +31,8 @@ class ParallelModel:
     num_stages: int
     grads: GradState
     """This rank's unique parameters and how to finish their gradients."""
+    experts: list[tuple[nn.Module, Any]]
+    """This rank's MoE blocks with their ExpertParallel (for the expert load metrics)."""
 
     @property
     def params(self) -> list[nn.Parameter]:
@@ -69,9 +72,7 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
             hf_keys = {k: v for plan in plans for k, v in plan.hf_keys.items()}
             load_hf_weights(stages, pretrained_folder(cfg.model.name), tied, hf_keys)
 
-    parallelize(
-        stages, plans, mesh.mesh["tp"], mesh.mesh["dp"], cfg, fill, job.reshard_after_forward
-    )
+    parallelize(stages, plans, mesh, cfg, fill, job.reshard_after_forward)
     params, names = _unique_parameters(stages)
     ties = _ties(job, mesh, holders, dict(zip(names, params, strict=True)))
     norm = [
@@ -82,15 +83,36 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
         params=params,
         norm_weights=norm,
         ties=ties,
-        dp_group=None if par.fsdp else mesh.group("dp"),
-        dp_size=mesh.size("dp"),
+        reductions=[] if par.fsdp else _reductions(params, plans, stages, mesh),
     )
+    experts = [
+        (stage.get_submodule(path), style)
+        for stage, plan in zip(stages, plans, strict=True)
+        for path, style in plan.experts.items()
+    ]
     return ParallelModel(
-        stages=stages,
-        stage_ids=ids,
-        num_stages=job.num_stages,
-        grads=grads,
+        stages=stages, stage_ids=ids, num_stages=job.num_stages, grads=grads, experts=experts
     )
+
+
+def _reductions(
+    params: list[nn.Parameter], plans: list, stages: list[nn.Module], mesh: Mesh
+) -> list[Reduction]:
+    """Replicated dp: dense gradients averaged over dp; expert weights summed over the ranks
+    holding the same experts (edp) and divided by dp (see meshtrain.grads)."""
+    expert_ids = {
+        id(stage.get_submodule(path).get_parameter(name))
+        for stage, plan in zip(stages, plans, strict=True)
+        for path, style in plan.experts.items()
+        for name in style.ep_dims()
+    }
+    dp = mesh.size("dp")
+    dense = [p for p in params if id(p) not in expert_ids]
+    experts = [p for p in params if id(p) in expert_ids]
+    reductions = [Reduction(dense, mesh.group("dp"), dp, dp)]
+    if experts:
+        reductions.append(Reduction(experts, mesh.group("edp"), mesh.size("edp"), dp))
+    return reductions
 
 
 def _holders(job: Job, full: nn.Module) -> dict[str, int]:
@@ -157,7 +179,9 @@ def _replicas(p: torch.Tensor, mesh: Mesh) -> int:
             for axis, placement in zip(p.device_mesh.mesh_dim_names, p.placements, strict=True)
             if not (placement.is_replicate() or placement.is_partial())
         }
-    return math.prod(mesh.size(axis) for axis in ("dp", "tp") if axis not in sharded)
+    # ep shards part of dp (dp = edp * ep): a weight split over ep is held by dp / ep ranks.
+    held = mesh.size("dp") * mesh.size("tp")
+    return held // math.prod(mesh.size(axis) for axis in sharded)
 
 
 def _has(module: nn.Module, name: str) -> bool:

@@ -1,4 +1,5 @@
-"""Apply a family's StagePlans: tensor parallel -> activation checkpointing -> weights -> FSDP2.
+"""Apply a family's StagePlans: tensor parallel -> experts -> activation checkpointing -> weights
+-> FSDP2.
 
     parallelize(stages, plans, mesh, config, fill=load_weights)
 
@@ -15,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import parallelize_module
 from torch.utils.checkpoint import (
@@ -26,6 +26,7 @@ from torch.utils.checkpoint import (
 
 from meshtrain.config import Config
 from meshtrain.contracts import StagePlan
+from meshtrain.mesh import Mesh
 
 SAVED_OPS = {  # "selective": keep the outputs of these ops, recompute the cheap rest
     torch.ops.aten.mm.default,
@@ -40,24 +41,26 @@ SAVED_OPS = {  # "selective": keep the outputs of these ops, recompute the cheap
 def parallelize(
     stages: list[nn.Module],
     plans: list[StagePlan],
-    tp_mesh: DeviceMesh,
-    dp_mesh: DeviceMesh,
+    mesh: Mesh,
     config: Config,
     fill: Callable[[list[nn.Module]], None],
     reshard_after_forward: bool = True,
 ) -> None:
     """Shard `stages` (meta modules) in place; `fill` materialises them after tensor parallel."""
-    mode = config.train.activation_checkpointing
+    mode, tp_mesh = config.train.activation_checkpointing, mesh.axis("tp")
+    sequences = config.train.micro_batch_size * config.train.grad_acc
     for stage, plan in zip(stages, plans, strict=True):
         if tp_mesh.size() > 1 and plan.tp:
             parallelize_module(stage, tp_mesh, dict(plan.tp))
+        for path, style in plan.experts.items():
+            style.apply(stage.get_submodule(path), mesh.mesh["ep", "tp"], sequences)
         if mode != "none":
             for path in plan.ac_units:
                 apply_checkpointing(stage.get_submodule(path), selective=mode == "selective")
     fill(stages)
     if config.parallel.fsdp:
         for stage, plan in zip(stages, plans, strict=True):
-            apply_fsdp(stage, plan, dp_mesh, config.train.precision, reshard_after_forward)
+            apply_fsdp(stage, plan, mesh, config.train.precision, reshard_after_forward)
 
 
 def apply_checkpointing(module: nn.Module, *, selective: bool) -> None:
@@ -72,11 +75,15 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_fsdp(
-    stage: nn.Module, plan: StagePlan, dp_mesh: DeviceMesh, precision: str, reshard: bool
-) -> None:
-    """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest)."""
-    policy = mixed_precision(precision)
+def apply_fsdp(stage: nn.Module, plan: StagePlan, mesh: Mesh, precision: str, reshard: bool) -> None:
+    """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest). The
+    experts of each MoE block first, over the dp ranks holding the same experts (edp); their
+    gradients are summed over edp and divided by all of dp, as every dense gradient is."""
+    policy, dp_mesh = mixed_precision(precision), mesh.axis("dp")
+    for path in plan.experts:
+        experts = stage.get_submodule(path).experts
+        fully_shard(experts, mesh=mesh.axis("edp"), mp_policy=policy, reshard_after_forward=reshard)
+        experts.set_gradient_divide_factor(float(dp_mesh.size()))
     for path in plan.fsdp_units:
         fully_shard(
             stage.get_submodule(path), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard

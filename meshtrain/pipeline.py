@@ -72,13 +72,28 @@ def split_model(
 def build_pipeline_stages(
     stages: list[nn.Module], ids: list[int], num_stages: int, device: torch.device, group: Any
 ) -> list[Any]:
-    """Wrap stage modules for the schedule; shapes are inferred on the first step."""
+    """Wrap stage modules for the schedule; shapes are inferred on the first step (a forward
+    on empty tensors that MoE metrics must not count)."""
     from torch.distributed.pipelining import PipelineStage
 
-    return [
-        PipelineStage(module, index, num_stages, device, group=group)
-        for module, index in zip(stages, ids, strict=True)
-    ]
+    from meshtrain.experts import uncounted
+
+    wrapped = []
+    for module, index in zip(stages, ids, strict=True):
+        stage = PipelineStage(module, index, num_stages, device, group=group)
+        infer = getattr(stage, "_forward_metadata_inference", None)  # torch 2.13's name
+        if infer is not None:
+            stage._forward_metadata_inference = _wrapped(infer, uncounted)
+        wrapped.append(stage)
+    return wrapped
+
+
+def _wrapped(method: Any, context: Any) -> Any:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with context():
+            return method(*args, **kwargs)
+
+    return run
 
 
 def forward_sweep(

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from meshtrain import checkpoint, liveness, preflight
 from meshtrain.contracts import DataContext
+from meshtrain.experts import step_stats
 from meshtrain.grads import finish_grads
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, init_mesh
@@ -142,6 +143,12 @@ def train_step(t: Trainer) -> dict:
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
     stats = _global_stats(t, loss, cpu_start, t.data.wait_s)
+    moe = {}
+    if shape.num_experts:
+        sequences = cfg.train.micro_batch_size * cfg.train.grad_acc * cfg.parallel.dp
+        moe = step_stats(
+            t.model.experts, shape.moe_layers, shape.num_experts, sequences, t.mesh.device
+        )
     elapsed = time.perf_counter() - start
     # 6 FLOPs per matmul parameter and token (fwd + bwd) plus attention scores (PaLM, app. B).
     attention = 12 * shape.num_layers * shape.num_heads * shape.head_dim * cfg.train.seq_len
@@ -159,6 +166,7 @@ def train_step(t: Trainer) -> dict:
         "cpu_s": stats["cpu_s"],
         "pp_busy_s": stats["pp_busy_s"],
         "data_wait_s": stats["data_wait_s"],
+        **moe,
     }
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from meshtrain.contracts import StackedKeys
 from meshtrain.errors import UserError, first_line
 
 
@@ -56,23 +57,41 @@ def load_hf_weights(
     handles = {f: safe_open(str(f), framework="pt") for f in set(files.values())}
 
     def local_value(name: str, param: torch.Tensor) -> torch.Tensor:
-        key = hf_keys.get(name, name)
+        spec = hf_keys.get(name, name)
+        if isinstance(param, DTensor):
+            shape, offset = compute_local_shape_and_global_offset(
+                param.shape, param.device_mesh, param.placements
+            )
+        else:
+            shape, offset = param.shape, (0,) * param.dim()
+        where = tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))
+        if isinstance(spec, StackedKeys):  # read only this rank's entries along dim 0
+            entries = [
+                torch.cat([read(key, None) for key in spec.keys[i]])
+                for i in range(where[0].start, where[0].stop)
+            ]
+            for entry in entries:
+                _check_shape(folder, spec.keys[0][0] + " (stacked)", entry.shape, param.shape[1:])
+            return torch.stack([entry[where[1:]] for entry in entries])
+        return read(spec, param.shape, where)
+
+    def read(key: str, expected: Any, where: tuple | None = None) -> torch.Tensor:
         if key not in files:
             raise UserError(f"model.name: {folder} has no tensor {key!r}")
         tensor = handles[files[key]].get_slice(key)
-        if list(tensor.get_shape()) != list(param.shape):
-            raise UserError(
-                f"model.name: {folder}: {key} has shape {tensor.get_shape()}, "
-                f"the model expects {list(param.shape)}"
-            )
-        if not isinstance(param, DTensor):
-            return tensor[:]
-        shape, offset = compute_local_shape_and_global_offset(
-            param.shape, param.device_mesh, param.placements
-        )
-        return tensor[tuple(slice(o, o + s) for o, s in zip(offset, shape, strict=True))]
+        if expected is not None:
+            _check_shape(folder, key, tensor.get_shape(), expected)
+        return tensor[where] if where else tensor[:]
 
     fill_parameters(stages, tied, local_value)
+
+
+def _check_shape(folder: Path, key: str, found: Any, expected: Any) -> None:
+    if list(found) != list(expected):
+        raise UserError(
+            f"model.name: {folder}: {key} has shape {list(found)}, "
+            f"the model expects {list(expected)}"
+        )
 
 
 def fill_parameters(
@@ -166,17 +185,25 @@ def hf_weight_problems(job: Any) -> list[str]:
     for name, param in stage.named_parameters():
         if name in copies:
             continue
-        key = hf_keys.get(name, name)
-        if key not in files:
-            missing.append(key)
+        spec = hf_keys.get(name, name)
+        groups = spec.keys if isinstance(spec, StackedKeys) else ((spec,),)
+        expected = param.shape[1:] if isinstance(spec, StackedKeys) else param.shape
+        if len(groups) != (param.shape[0] if isinstance(spec, StackedKeys) else 1):
+            wrong.append(f"{name}: {len(groups)} stacked entries for shape {list(param.shape)}")
             continue
-        tensor = handles[files[key]].get_slice(key)
-        if list(tensor.get_shape()) != list(param.shape):
-            wrong.append(
-                f"{key} has shape {tensor.get_shape()}, the model needs {list(param.shape)}"
-            )
-        elif tensor.get_dtype() not in FLOAT_DTYPES:
-            wrong.append(f"{key} holds {tensor.get_dtype()}, not floating-point weights")
+        for group in groups:
+            absent = [key for key in group if key not in files]
+            missing += absent
+            if absent:
+                continue
+            slices = [handles[files[key]].get_slice(key) for key in group]
+            shapes = [s.get_shape() for s in slices]
+            found = [sum(shape[0] for shape in shapes), *shapes[0][1:]]
+            label = group[0] if len(group) == 1 else " + ".join(group)
+            if list(found) != list(expected):
+                wrong.append(f"{label} has shape {found}, the model needs {list(expected)}")
+            elif any(s.get_dtype() not in FLOAT_DTYPES for s in slices):
+                wrong.append(f"{label} holds {slices[0].get_dtype()}, not floating-point weights")
     if missing:
         more = f" and {len(missing) - MAX_LINES} more" if len(missing) > MAX_LINES else ""
         problems.append(

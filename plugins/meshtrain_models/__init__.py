@@ -2,7 +2,7 @@
 
     [model]
     family = "auto"                      # model.name's model_type; or llama, qwen3, mistral,
-                                         # qwen2, gemma, olmo2, phi3, gpt_neox
+                                         # qwen2, gemma, olmo2, phi3, gpt_neox, qwen3_moe, mixtral
     name = "HuggingFaceTB/SmolLM-1.7B"   # or a local folder with config.json, or nothing
     num_hidden_layers = 5                # any key of the family's transformers config
 
@@ -38,9 +38,24 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "layout": "neox",
         "extra_keys": ("rotary_pct", "rotary_emb_base"),
     },
+    # Mixtures of experts (moe.py): Qwen3 attention; some layers may stay dense.
+    "qwen3_moe": {
+        "prefix": "Qwen3Moe",
+        "model_types": ("qwen3_moe",),
+        "qk_norms": "head",
+        "layout": "moe",
+        "extra_keys": ("head_dim",),  # read by the attention, not a default of the config
+    },
+    # Every layer a mixture; checkpoints name it block_sparse_moe with w1 / w3 / w2 experts.
+    "mixtral": {
+        "prefix": "Mixtral",
+        "model_types": ("mixtral",),
+        "layout": "moe",
+        "hf_experts": ("block_sparse_moe", "w1", "w3", "w2"),
+    },
 }
 """Each family: the transformers classes <prefix>Config and <prefix>ForCausalLM, its layout
-("llama": family.py, "neox": neox.py) and the rest of its Spec."""
+("llama": family.py, "neox": neox.py, "moe": moe.py) and the rest of its Spec."""
 
 
 class LazyFamily:
@@ -60,12 +75,14 @@ class LazyFamily:
             import transformers
 
             from meshtrain_models.family import DecoderFamily, Spec
+            from meshtrain_models.moe import MoeFamily
             from meshtrain_models.neox import NeoxFamily
 
             config_class = getattr(transformers, f"{self._prefix}Config")
             model_class = getattr(transformers, f"{self._prefix}ForCausalLM")
             spec = Spec(config_class, model_class, model_types=self.model_types, **self._spec)
-            self._family = {"llama": DecoderFamily, "neox": NeoxFamily}[self._layout](spec)
+            layouts = {"llama": DecoderFamily, "neox": NeoxFamily, "moe": MoeFamily}
+            self._family = layouts[self._layout](spec)
         return getattr(self._family, attr)
 
 

@@ -33,6 +33,9 @@ class Spec:
     """Initial RMSNorm weight: 1, or 0 where the norm multiplies by (1 + weight) (Gemma)."""
     extra_keys: tuple[str, ...] = ()
     """`[model]` / config.json keys the config class takes but does not keep (legacy names)."""
+    hf_experts: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")
+    """Mixtures of experts (moe.py): the block's name in Hugging Face checkpoints and its
+    experts' gate, up and down projections."""
 
 
 class DecoderFamily:

@@ -36,7 +36,8 @@ def parse_model_config(
     """The config from `name`'s config.json (if any) with `options` on top; or the problems.
     `extra_keys`: keys the config class takes without keeping them (legacy names)."""
     defaults = config_class().to_dict()
-    keys = sorted(set(defaults) - SKIPPED | {"rope_theta", *extra_keys})
+    aliases = getattr(config_class, "attribute_map", {})  # e.g. num_experts -> num_local_experts
+    keys = sorted(set(defaults) - SKIPPED | {"rope_theta", *extra_keys, *aliases})
     section = where.rsplit(": ", 1)[-1]
     problems = [
         f"{where}.{key}: unknown key" + suggest(key, keys).replace("mean ", f"mean {section}.")

@@ -53,7 +53,10 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> S
         tp["model.embed_tokens"] = (style or VocabParallelEmbedding)(output_layout=between)
     for prefix in blocks:
         attention = stage.get_submodule(f"{prefix}.self_attn")
-        tp.update(_block(prefix, between, attention, sequence_parallel))
+        moe = hasattr(stage.get_submodule(f"{prefix}.mlp"), "experts")
+        block = _block(prefix, between, attention, sequence_parallel)
+        # A mixture of experts is not split over tp but run by meshtrain.experts (moe.py).
+        tp.update({path: style for path, style in block.items() if not (moe and ".mlp." in path)})
         for norm in ("q_norm", "k_norm") if qk_norms else ():
             # Qwen3: (B, T, heads, head_dim), the local heads a shard of dim 2; OLMo2: over the
             # whole projection (B, T, heads * head_dim), whose statistics span every tp rank.
@@ -63,7 +66,8 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> S
                 else ChannelShardedNorm()
             )
         if sequence_parallel:
-            tp.update(_sequence_parallel(stage.get_submodule(prefix), prefix))
+            styles = _sequence_parallel(stage.get_submodule(prefix), prefix)
+            tp.update({path: style for path, style in styles.items() if not (moe and path.endswith(".mlp"))})
     if stage.last:
         if sequence_parallel:
             tp["model.norm"] = SequenceParallel()
