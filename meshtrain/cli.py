@@ -198,6 +198,7 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
         f"{par.tp} (rank = (dp*{par.pp} + pp)*{par.tp} + tp), "
         f"schedule {job.config.pipeline.schedule}, {stages} stage{'s' * (stages > 1)}",
         f"model: {count_parameters(job):,} parameters, {shape.num_layers} layers",
+        *_experts_line(job),
         *describe_stages(shape.num_layers, stages),
         "",
     ]
@@ -210,7 +211,7 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
     lines.append(f"estimated peak memory of all {world} ranks together: {total / 2**30:.1f} GiB")
     lines += [
         "",
-        "params: stored on each rank (weights in the tp plan / tp"
+        "params: stored on each rank (weights in the tp plan / tp, experts / ep"
         + (", everything / dp for parallel.dp_shard)." if par.dp_shard else ")."),
         "memory (estimate): state = fp32 params + grads + AdamW moments; activ = fp32",
         "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
@@ -218,6 +219,17 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
         "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py).",
     ]
     return "\n".join(lines)
+
+
+def _experts_line(job: Job) -> list[str]:
+    shape, par = job.shape, job.config.parallel
+    if not shape.num_experts:
+        return []
+    return [
+        f"experts: {shape.num_experts} in each of {shape.moe_layers} MoE blocks, "
+        f"{shape.num_experts // par.ep} per rank (parallel.ep {par.ep} of dp {par.dp}: "
+        f"each group of {par.ep} dp ranks holds all {shape.num_experts})"
+    ]
 
 
 def _rank_line(row: RankLayout) -> str:

@@ -74,9 +74,7 @@ def align_placements(params: list[nn.Parameter]) -> None:
             p.grad = g.redistribute(p.device_mesh, p.placements)
 
 
-def average(
-    params: list[nn.Parameter], group: dist.ProcessGroup, size: int, divisor: int
-) -> None:
+def average(params: list[nn.Parameter], group: dist.ProcessGroup, size: int, divisor: int) -> None:
     """Sum gradients over `group` in one flat buffer (one collective, not one per parameter:
     gloo latency dominates small messages) and divide by `divisor`."""
     grads = [local_grad(p) for p in params if p.grad is not None]

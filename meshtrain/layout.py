@@ -110,8 +110,10 @@ def _pp_rank_summary(job: Job, model: nn.Module, pp_i: int) -> tuple:
     )
     plans = [job.family.plan(s, sequence_parallel=job.seq_shards > 1) for s in stages]
     ranges = partition_layers(job.shape.num_layers, job.num_stages)
-    sizes = _sizes(stages, plans, par.tp)
-    params = _total(sizes, par.dp if par.fsdp else 1)
+    sizes, experts = _sizes(stages, plans, par.tp, par.ep)
+    # FSDP2 shards dense weights over dp, expert weights (already split over ep) over edp.
+    shards = {key: par.dp // par.ep if key in experts else par.dp for key in sizes}
+    params = sum(-(-n // (shards[key] if par.fsdp else 1)) for key, n in sizes.items())
     memory = estimate_memory(
         job,
         params,
@@ -123,17 +125,28 @@ def _pp_rank_summary(job: Job, model: nn.Module, pp_i: int) -> tuple:
     return ids, [ranges[i] for i in ids], params, memory
 
 
-def _sizes(stages: list[nn.Module], plans: list[StagePlan], tp: int) -> dict[int, int]:
-    """id(parameter) -> elements this rank holds of it after tp, over the distinct parameters."""
+def _sizes(
+    stages: list[nn.Module], plans: list[StagePlan], tp: int, ep: int
+) -> tuple[dict[int, int], set[int]]:
+    """id(parameter) -> elements this rank holds of it after tp and ep, over the distinct
+    parameters; and the ids of the expert weights (split over ep)."""
     split: dict[int, int] = {}
     for stage, plan in zip(stages, plans, strict=True):
         for path, style in plan.tp.items():
             module = stage.get_submodule(path)
             for name in shard_dims(module, style, tp):
                 split[id(module.get_parameter(name))] = tp
-    return {
+    experts = {
+        id(stage.get_submodule(path).get_parameter(name))
+        for stage, plan in zip(stages, plans, strict=True)
+        for path, style in plan.experts.items()
+        for name in style.ep_dims()
+    }
+    split.update(dict.fromkeys(experts, ep))
+    sizes = {
         id(p): -(-p.numel() // split.get(id(p), 1)) for stage in stages for p in stage.parameters()
     }
+    return sizes, experts
 
 
 def _total(sizes: dict[int, int], dp: int) -> int:

@@ -75,7 +75,9 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_fsdp(stage: nn.Module, plan: StagePlan, mesh: Mesh, precision: str, reshard: bool) -> None:
+def apply_fsdp(
+    stage: nn.Module, plan: StagePlan, mesh: Mesh, precision: str, reshard: bool
+) -> None:
     """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest). The
     experts of each MoE block first, over the dp ranks holding the same experts (edp); their
     gradients are summed over edp and divided by all of dp, as every dense gradient is."""

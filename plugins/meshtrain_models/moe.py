@@ -58,7 +58,7 @@ class MoeFamily(DecoderFamily):
         active = 3 * width * expert_size * top_k + width * experts
         # Kept for backward per token and layer: as a LLaMA block, with the MLP's share of
         # the dense layers and top_k experts' (gate, up, silu(gate), product) in MoE ones.
-        per_layer_mlp = (4 * c.intermediate_size * dense_layers + 4 * expert_size * top_k * len(moe))
+        per_layer_mlp = 4 * (c.intermediate_size * dense_layers + expert_size * top_k * len(moe))
         split = dense.activations_split - 4 * c.intermediate_size
         split += per_layer_mlp / c.num_hidden_layers + experts
         divisible = dict(dense.tp_divisible)

@@ -55,8 +55,11 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> S
         attention = stage.get_submodule(f"{prefix}.self_attn")
         moe = hasattr(stage.get_submodule(f"{prefix}.mlp"), "experts")
         block = _block(prefix, between, attention, sequence_parallel)
+        if sequence_parallel:
+            block.update(_sequence_parallel(stage.get_submodule(prefix), prefix))
         # A mixture of experts is not split over tp but run by meshtrain.experts (moe.py).
-        tp.update({path: style for path, style in block.items() if not (moe and ".mlp." in path)})
+        mlp = f"{prefix}.mlp"
+        tp.update({k: v for k, v in block.items() if not (moe and k.startswith(mlp))})
         for norm in ("q_norm", "k_norm") if qk_norms else ():
             # Qwen3: (B, T, heads, head_dim), the local heads a shard of dim 2; OLMo2: over the
             # whole projection (B, T, heads * head_dim), whose statistics span every tp rank.
@@ -65,9 +68,6 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> S
                 if qk_norms == "head"
                 else ChannelShardedNorm()
             )
-        if sequence_parallel:
-            styles = _sequence_parallel(stage.get_submodule(prefix), prefix)
-            tp.update({path: style for path, style in styles.items() if not (moe and path.endswith(".mlp"))})
     if stage.last:
         if sequence_parallel:
             tp["model.norm"] = SequenceParallel()
