@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -43,7 +44,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
@@ -209,11 +209,13 @@ def _exchange(
     """Send each slot to the ep rank holding its expert, run the local experts, send back."""
     ep, group = ep_mesh.size(), ep_mesh.get_group()
     per_rank = counts.view(ep, -1)  # (ep, E / ep): slots for each rank's experts
+    start = time.perf_counter()
     received = torch.empty_like(per_rank)
     dist.all_to_all_single(received, per_rank, group=group)  # [source rank, local expert]
+    _CLOCK.seconds += time.perf_counter() - start
     send_sizes = per_rank.sum(1).tolist()
     recv_sizes = received.sum(1).tolist()
-    arrived = all_to_all_single_autograd(sent, recv_sizes, send_sizes, group)
+    arrived = _AllToAll.apply(sent, recv_sizes, send_sizes, group)
     # Rows arrive grouped by source rank, then expert: regroup by expert for the matmuls.
     local_experts = received.shape[1]
     expert_of_row = torch.arange(local_experts, device=sent.device).repeat(ep)
@@ -221,7 +223,7 @@ def _exchange(
     by_expert = torch.argsort(expert_of_row, stable=True)
     done = experts(arrived[by_expert], received.sum(0))
     back = done[torch.argsort(by_expert)]  # source-rank order again
-    return all_to_all_single_autograd(back, send_sizes, recv_sizes, group)
+    return _AllToAll.apply(back, send_sizes, recv_sizes, group)
 
 
 def _run_experts(experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -257,6 +259,35 @@ def _aux_loss(
     return num_experts * (counts * prob_sums).sum() / (length * length)
 
 
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single of rows, reversed in backward; both timed (metric all_to_all_s)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out_sizes: list, in_sizes: list, group: Any) -> Any:
+        ctx.sizes, ctx.group = (out_sizes, in_sizes), group
+        return _all_to_all(x, out_sizes, in_sizes, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        out_sizes, in_sizes = ctx.sizes
+        return _all_to_all(grad, in_sizes, out_sizes, ctx.group), None, None, None
+
+
+def _all_to_all(x: torch.Tensor, out_sizes: list, in_sizes: list, group: Any) -> torch.Tensor:
+    out = x.new_empty((sum(out_sizes), *x.shape[1:]))
+    start = time.perf_counter()
+    dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
+    _CLOCK.seconds += time.perf_counter() - start  # wall time: complete on gloo, not on NCCL
+    return out
+
+
+class _Clock:
+    seconds = 0.0
+
+
+_CLOCK = _Clock()
+
+
 class _AttachLoss(torch.autograd.Function):
     """Returns `out` unchanged; in backward, gives `loss` the gradient 1, as if it were added to
     the final loss (MoE aux losses reach the router this way without travelling the pipeline)."""
@@ -279,9 +310,11 @@ def step_stats(
     sequences: int,
     device: torch.device,
 ) -> dict[str, float]:
-    """The last step's expert load and aux loss over the world, then reset: one all-reduce that
-    every rank joins (MoE blocks on its stages or not). `sequences`: the global batch."""
-    table = torch.zeros(moe_layers * num_experts + 1, dtype=torch.float64, device=device)
+    """The last step's expert load, aux loss and all-to-all seconds (mean per rank) over the
+    world, then reset: one all-reduce that every rank joins (MoE blocks on its stages or not).
+    `sequences`: the global batch."""
+    table = torch.zeros(moe_layers * num_experts + 2, dtype=torch.float64, device=device)
+    table[-2], _CLOCK.seconds = _CLOCK.seconds, 0.0
     for module, style in blocks:
         stats = module.moe_stats
         if stats is None:
@@ -291,9 +324,10 @@ def step_stats(
         table[-1] += stats.aux
         stats.reset()
     dist.all_reduce(table)
-    tokens = table[:-1].view(moe_layers, num_experts)  # top-k slots per layer and expert
+    tokens = table[:-2].view(moe_layers, num_experts)  # top-k slots per layer and expert
     return {
         "aux_loss": float(table[-1]) / (moe_layers * sequences),
+        "all_to_all_s": float(table[-2]) / dist.get_world_size(),
         "expert_tokens_max": float(tokens.max()),
         "expert_tokens_mean": float(tokens.mean()),
     }

@@ -93,7 +93,8 @@ def test_plugins_lists_builtins():
     for plugin in ("meshtrain_models", "meshtrain_schedules", "meshtrain_data"):
         assert f"{plugin}  (meshtrain " in result.stdout
     assert (
-        "model family: gemma, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3" in result.stdout
+        "model family: gemma, gpt_neox, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, "
+        "qwen3_moe" in result.stdout
     )
     assert re.search(r"pipeline schedule: .*\b1f1b\b", result.stdout)
     assert re.search(r"pipeline schedule: .*\bgpipe\b", result.stdout)
