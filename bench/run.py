@@ -3,6 +3,7 @@
     python bench/run.py                        # every scenario (about an hour on 2 cores)
     python bench/run.py --scenarios small-8,small-1 --steps 10
     python bench/run.py --quick --scenarios small-8,small-1   # smoke test: tiny model
+    python bench/run.py --scenarios moe-ep1,moe-ep2         # a mixture of experts, ep 1 vs 2
 
 Each scenario (see bench/scenarios.py) is one `meshtrain run` subprocess on synthetic tokens.
 The machine's all-core matmul peak is measured first, for fp32 and bf16, and handed to each run
@@ -36,6 +37,7 @@ COLUMNS = [
     ("mem total", 9),
     ("MFU", 6),
     ("1st step s", 10),
+    ("a2a s/step", 10),
 ]
 
 
@@ -111,14 +113,16 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
             ]
         else:
             cells += ["failed"] + ["-"] * 6
-        first = s["first_step_s"]
+        first, a2a = s["first_step_s"], s.get("all_to_all_s_per_step")
         cells.append("-" if first is None else f"{first:.1f}")
+        cells.append("-" if a2a is None else f"{a2a:.3f}")
         print(
             "  ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True))
         )
     print(
         "(medians over steps 2..N; tok/s and s/step are global; cpu summed over workers; "
-        "mem in GiB, peak RSS; MFU vs this machine's measured peak for the precision)"
+        "mem in GiB, peak RSS; MFU vs this machine's measured peak for the precision;\n"
+        " a2a: seconds per step each rank spends in the MoE all-to-alls, forward and backward)"
     )
 
 

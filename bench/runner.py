@@ -138,6 +138,9 @@ def summarize(scenario: Scenario, result: dict[str, Any]) -> dict[str, Any]:
             "losses": [m["loss"] for m in steps],
         }
     )
+    if "all_to_all_s" in timed[-1]:  # a mixture of experts
+        summary["all_to_all_s_per_step"] = median("all_to_all_s")
+        summary["expert_load"] = median("expert_tokens_max") / median("expert_tokens_mean")
     return summary
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REF = ROOT / "configs" / "smollm_cpu.toml"
 TINY = ROOT / "configs" / "tiny_cpu.toml"
+MOE = ROOT / "configs" / "qwen3_moe_cpu.toml"
 
 # bench-small: the reference's vocabulary (so the embedding/logits cost is real) on a small body.
 SMALL_MODEL = [
@@ -38,6 +39,18 @@ QUICK_MODEL = [
     "model.max_position_embeddings=256",
 ]
 QUICK_STEPS = 3
+# bench-moe: Qwen3-MoE blocks, small: 8 experts (2 per token) of width 512 in each of 4 layers.
+MOE_MODEL = [
+    "model.hidden_size=256",
+    "model.moe_intermediate_size=512",
+    "model.num_hidden_layers=4",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=4",
+    "model.head_dim=64",
+    "model.vocab_size=8192",
+    "train.seq_len=128",
+]
+MOE_DP2 = ["parallel.dp=2", "parallel.pp=1", "parallel.tp=1", "parallel.dp_shard=false"]
 
 ONE_PROCESS = ["parallel.dp=1", "parallel.pp=1", "parallel.tp=1", "parallel.dp_shard=false"]
 LAYOUT_8 = ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=true"]
@@ -93,6 +106,20 @@ SCENARIOS: dict[str, Scenario] = {
             overrides=ONE_PROCESS + BATCH_DP1 + BF16,
             workers=1,
             precision="bf16",
+        ),
+        Scenario(
+            name="moe-ep1",
+            config=MOE,
+            overrides=MOE_MODEL + MOE_DP2 + ["parallel.ep=1"] + BATCH_DP2,
+            workers=2,
+            steps=10,
+        ),
+        Scenario(
+            name="moe-ep2",
+            config=MOE,
+            overrides=MOE_MODEL + MOE_DP2 + ["parallel.ep=2"] + BATCH_DP2,
+            workers=2,
+            steps=10,
         ),
         Scenario(
             name="tiny-8-startup",
