@@ -17,7 +17,7 @@ bench:
 	$(PYTHON) bench/run.py
 
 parity:
-	$(PYTHON) -m pytest -q -m parity
+	MESHTRAIN_WIDE=1 $(PYTHON) -m pytest -q -m parity
 
 memory:
 	$(PYTHON) -m pytest -q -m slow

@@ -199,8 +199,8 @@ def _experts(
         done = experts(sent, counts)
     else:
         done = _exchange(experts, sent, counts, ep_mesh)
-    done = done * weights.flatten()[order].unsqueeze(-1)
-    return torch.zeros_like(x).index_add(0, token, done)
+    done = done * weights.flatten()[order].unsqueeze(-1)  # bf16 under autocast, as x may not be
+    return torch.zeros_like(x).index_add(0, token, done.to(x.dtype))
 
 
 def _exchange(
