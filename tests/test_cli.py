@@ -168,7 +168,7 @@ def test_bad_config_subprocess_exit_2_no_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: {path}: model.family: unknown model family 'lama' (did you mean llama?); "
-        "available: gemma, gpt_neox, llama, mistral, olmo2, phi3, qwen2, qwen3"
+        "available: gemma, gpt_neox, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3, qwen3_moe"
     ]
     debug = meshtrain("check", str(path), MESHTRAIN_DEBUG="1")
     assert debug.returncode == 1

@@ -93,10 +93,12 @@ def test_builtins_register_through_entry_points():
             "gpt_neox",
             "llama",
             "mistral",
+            "mixtral",
             "olmo2",
             "phi3",
             "qwen2",
             "qwen3",
+            "qwen3_moe",
         ]
     }
 
