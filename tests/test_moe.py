@@ -9,7 +9,8 @@ Spawned worlds (tiny random models that transformers saved, `pretrained = true`,
 1e-3 on synthetic tokens, global batch 4 x 32 tokens), the aux loss on (coef 0.05) unless "noaux":
 
     world 1   each family in one process, aux on and off: the references
-    world 2   each family at dp2 ep2 (replicated dp), aux on and off
+    world 2   each family at dp2 ep2 (replicated dp), aux on and off; Qwen3-MoE's step-4
+              checkpoint resumed at dp1 tp2
     world 4   Qwen3-MoE at dp2 ep2 tp2 with sequence parallel; Mixtral at dp2 ep2 pp2
     world 8   each family at dp2 pp2 tp2 ep2 (1F1B, FSDP2), aux on: step 1 is transformers' loss
               on the same batch, the step-4 checkpoint exported and read by `from_pretrained`
@@ -236,7 +237,13 @@ def layout(dp=1, pp=1, tp=1, ep=1, sp=False, shard=False) -> list[str]:
 RUNS = {  # (family, run) -> overrides; the world is dp * pp * tp
     **{(f, "one"): [*layout(), *AUX] for f in FAMILIES},
     **{(f, "one-noaux"): [*layout(), *NOAUX] for f in FAMILIES},
-    **{(f, "dp2-ep2"): [*layout(dp=2, ep=2), *AUX] for f in FAMILIES},
+    **{(f, "dp2-ep2"): [*layout(dp=2, ep=2), *AUX, "checkpoint.every=2"] for f in FAMILIES},
+    # Resumes the dp2-ep2 run from its step-4 checkpoint at dp1 tp2: experts from ep 2 to 1.
+    ("qwen3_moe", "resume-tp2"): [
+        *layout(tp=2),
+        *AUX,
+        'checkpoint.resume="{out}/qwen3_moe/dp2-ep2/checkpoints/step_00000004"',
+    ],
     **{(f, "dp2-ep2-noaux"): [*layout(dp=2, ep=2), *NOAUX] for f in FAMILIES},
     ("qwen3_moe", "dp2-ep2-tp2-sp"): [*layout(dp=2, ep=2, tp=2, sp=True), *AUX],
     ("mixtral", "dp2-ep2-pp2"): [*layout(dp=2, ep=2, pp=2), *AUX],
@@ -251,7 +258,7 @@ RUNS = {  # (family, run) -> overrides; the world is dp * pp * tp
     },
     ("qwen3_moe", "dp2-pp2-tp2-ep2-noaux"): [*layout(2, 2, 2, 2, shard=True), *NOAUX],
 }
-CASES = [key for key in RUNS if not key[1].startswith("one")]
+CASES = [key for key in RUNS if not key[1].startswith(("one", "resume"))]
 
 
 def world_of(overrides: list[str]) -> int:
@@ -270,10 +277,26 @@ def worlds(tmp_path_factory):
     found = {}
     for world in sorted({world_of(o) for o in RUNS.values()}):
         keys = [k for k, o in RUNS.items() if world_of(o) == world]
-        runs = [(str(configs[f]), [*RUNS[(f, r)], f'run.dir="{out / f / r}"']) for f, r in keys]
+        runs = [(str(configs[f]), overrides(RUNS[(f, r)], out / f / r, out)) for f, r in keys]
         for (f, r), history in zip(keys, run_world(world, runs, out), strict=True):
             found[(f, r)] = (history, out / f / r, out / f"{f}-hf")
     return found
+
+
+def overrides(given: list[str], run_dir: Path, out: Path) -> list[str]:
+    """`given` (paths under "{out}" made real) and the run's own run.dir."""
+    return [*(o.replace("{out}", str(out)) for o in given), f'run.dir="{run_dir}"']
+
+
+@pytest.mark.dist
+def test_resume_in_another_layout_continues_exactly(worlds):
+    """The dp2-ep2 run's step-4 checkpoint (experts split over ep) resumed at dp1 tp2 (every
+    expert on each rank) gives the uninterrupted run's step 5."""
+    (step,) = worlds[("qwen3_moe", "resume-tp2")][0]
+    want = worlds[("qwen3_moe", "dp2-ep2")][0][4]
+    assert step["step"] == 5
+    for key in ("loss", "grad_norm", "aux_loss"):
+        assert abs(step[key] - want[key]) <= RTOL * abs(want[key]), (key, step[key], want[key])
 
 
 @pytest.mark.dist
