@@ -7,7 +7,7 @@
 
 Each scenario (see bench/scenarios.py) is one `meshtrain run` subprocess on synthetic tokens.
 The machine's all-core matmul peak is measured first, for fp32 and bf16, and handed to each run
-in $MESHTRAIN_PEAK_FLOPS, so a run's `mfu` is against the peak of its own precision. Step 1
+in $MESHTRAIN_PEAK_FLOPS(_BF16), so a run's `mfu` is against the machine's best peak. Step 1
 (shape inference, warm-up) is left out; the table shows medians over the other steps, memory is
 the peak. Prints one table and the targets, writes everything (per-step metrics too) as JSON.
 """

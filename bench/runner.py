@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from scenarios import ROOT, Scenario, build_command
 
-from meshtrain.metrics import PEAK_ENV, measure_peak_flops
+from meshtrain.metrics import PEAK_BF16_ENV, PEAK_ENV, measure_peak_flops
 
 POLL_S = 0.05
 
@@ -49,9 +49,10 @@ def _cpu_model() -> str:
 
 
 def scenario_env(scenario: Scenario, machine: dict[str, Any]) -> dict[str, str]:
-    """The parent's environment, with the scenario precision's peak for the run's own `mfu`."""
+    """The parent's environment, with the machine's peaks for the run's own `mfu`."""
     env = dict(os.environ)
-    env[PEAK_ENV] = str(machine[f"peak_gflops_{scenario.precision}"] * 1e9)
+    env[PEAK_ENV] = str(machine["peak_gflops_fp32"] * 1e9)
+    env[PEAK_BF16_ENV] = str(machine["peak_gflops_bf16"] * 1e9)
     if scenario.workers == 1:
         env["OMP_NUM_THREADS"] = str(machine["cores"])  # one process uses every core: fair baseline
     else:

@@ -148,6 +148,7 @@ def build_command(scenario: Scenario, run_dir: Path, steps: int, quick: bool) ->
         *scenario.overrides,
         *(QUICK_MODEL if quick else []),
         'data.source="synthetic"',
+        f'train.precision="{scenario.precision}"',  # never "auto": the table names it
         f'run.dir="{run_dir}"',
         "checkpoint.every=0",
         'checkpoint.resume="never"',

@@ -112,8 +112,9 @@ class TrainSection:
     """AdamW weight decay, on matrices only (not norms)."""
     grad_clip: float = _opt(1.0, min=0)
     """Clip the global gradient norm to this; 0 = off."""
-    precision: str = _opt("fp32", choices=("fp32", "bf16"))
-    """fp32, or bf16 compute with fp32 master weights (FSDP2 mixed precision under
+    precision: str = _opt("auto", choices=("auto", "fp32", "bf16"))
+    """auto (bf16 where this device computes it faster, else fp32: meshtrain/precision.py), fp32,
+    or bf16 compute with fp32 master weights (FSDP2 mixed precision under
     parallel.dp_shard, autocast otherwise)."""
     activation_checkpointing: str = _opt("none", choices=("none", "full", "selective"))
     """Recompute activations in backward for the units the family's plan names: none, full

@@ -21,6 +21,7 @@ from meshtrain.config import config_from_raw
 from meshtrain.errors import UserError
 from meshtrain.job import Job, resolve_job
 from meshtrain.metrics import PEAK_ENV, measure_peak_flops
+from meshtrain.precision import decide
 
 log = logging.getLogger("meshtrain")
 
@@ -53,6 +54,7 @@ def launch(job: Job) -> int:
         return _worker_main(str(cfg.path), cfg.raw)
     prepare(job)
     if cfg.world_size == 1:
+        decide(cfg, job.device_type)
         return _worker_main(str(cfg.path), cfg.raw, job)
     return _launch_local(job)
 
@@ -79,6 +81,7 @@ def _launch_local(job: Job) -> int:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if job.device_type == "cpu" and PEAK_ENV not in os.environ:
         os.environ[PEAK_ENV] = str(measure_peak_flops(torch.device("cpu")))
+    decide(cfg, job.device_type)  # "auto" resolved once, for every worker
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

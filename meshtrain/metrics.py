@@ -20,34 +20,58 @@ import torch
 log = logging.getLogger("meshtrain")
 
 PEAK_ENV = "MESHTRAIN_PEAK_FLOPS"
+"""The fp32 matmul peak, measured once by the launcher (or the bench) for every worker."""
+PEAK_BF16_ENV = "MESHTRAIN_PEAK_FLOPS_BF16"
 
 
 def measure_peak_flops(
-    device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.5
+    device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.5
 ) -> float:
     """Dense matmul FLOP/s on `device`; on a CPU with every core (the machine's peak, which all
-    local workers share)."""
+    local workers share). The best of several rounds at growing sizes (up to 2048 on a CPU),
+    so that no real run measures faster than its peak (MFU stays under 100%); a dtype the
+    hardware lacks (bf16 without AVX-512-bf16 / AMX) stops growing once one matmul is slow."""
     if device.type == "cpu":
         threads = torch.get_num_threads()
         torch.set_num_threads(os.cpu_count() or 1)
         try:
-            return _matmul_flops(device, dtype, 1024, seconds)
+            return _growing_matmul_flops(device, dtype, 2048, seconds)
         finally:
             torch.set_num_threads(threads)
-    return _matmul_flops(device, dtype, 8192, seconds)
+    return _growing_matmul_flops(device, dtype, 8192, seconds)
 
 
-def _matmul_flops(device: torch.device, dtype: torch.dtype, n: int, seconds: float) -> float:
+def _growing_matmul_flops(
+    device: torch.device, dtype: torch.dtype, largest: int, seconds: float
+) -> float:
+    best, n, deadline = 0.0, 256, time.perf_counter() + seconds
+    while True:
+        rate, one = _matmul_flops(device, dtype, n, seconds / 24)
+        best = max(best, rate)
+        # The next size: 8x the work per matmul, 4 of them (warm-up and 3 rounds).
+        if n >= largest or time.perf_counter() + 32 * one > deadline:
+            return best
+        n *= 2
+
+
+def _matmul_flops(
+    device: torch.device, dtype: torch.dtype, n: int, seconds: float
+) -> tuple[float, float]:
+    """(best FLOP/s of 3 rounds of at least `seconds` each, seconds of one matmul)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b  # warm up
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        count += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * n**3 * count / (time.perf_counter() - start)
+    best, one = 0.0, float("inf")
+    for _ in range(3):
+        count, start = 0, time.perf_counter()
+        while count == 0 or time.perf_counter() - start < seconds:
+            a @ b
+            count += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        best, one = max(best, 2 * n**3 * count / elapsed), min(one, elapsed / count)
+    return best, one
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -133,15 +157,19 @@ def _tensorboard_writer(run_dir: Path) -> Any:
 
 def peak_flops(mesh: Any, precision: str = "fp32") -> float:
     """The machine's matmul FLOP/s for MFU: on a known GPU in bf16 its published peak; else
-    measured once by the launcher (all cores of a CPU) and passed in $MESHTRAIN_PEAK_FLOPS, or
-    measured here per device."""
+    measured once by the launcher (all cores of a CPU) and passed in $MESHTRAIN_PEAK_FLOPS
+    (and ..._BF16), or measured here per device. A bf16 run is held to the faster of the two
+    peaks: what it leaves in fp32 (norms, softmax) cannot beat the machine's best."""
     if mesh.device.type == "cuda" and precision == "bf16":
         name = torch.cuda.get_device_name(mesh.device)
         known = [peak for key, peak in GPU_BF16_PEAK.items() if key in name.split()]
         if known:
             return known[0] * mesh.world
-    value = os.environ.get(PEAK_ENV)
-    if value:
-        return float(value)
-    per_device = measure_peak_flops(mesh.device)
-    return per_device * (mesh.world if mesh.device.type == "cuda" else 1)
+    devices = mesh.world if mesh.device.type == "cuda" else 1
+    fp32 = float(os.environ.get(PEAK_ENV) or 0) or measure_peak_flops(mesh.device) * devices
+    if precision != "bf16":
+        return fp32
+    bf16 = float(os.environ.get(PEAK_BF16_ENV) or 0) or (
+        measure_peak_flops(mesh.device, torch.bfloat16) * devices
+    )
+    return max(fp32, bf16)

@@ -26,6 +26,7 @@ from meshtrain.metrics import MetricsLog, peak_flops, peak_memory_gib
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_lr_schedule, build_optimizer
 from meshtrain.pipeline import describe_stages
+from meshtrain.precision import resolve_precision
 from meshtrain.prefetch import Prefetcher
 from meshtrain.step import Stepper
 
@@ -92,9 +93,10 @@ def run_step(t: Trainer, metrics_log: MetricsLog | None, steps_this_run: int) ->
 
 
 def build_trainer(job: Job) -> Trainer:
-    cfg = job.config
-    mesh = init_mesh(cfg, job.device_type)
+    mesh = init_mesh(job.config, job.device_type)
     liveness.start()
+    job = resolve_precision(job, mesh)
+    cfg = job.config
     if mesh.rank == 0:
         for warning in job.warnings:
             log.warning(warning)

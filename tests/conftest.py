@@ -17,3 +17,6 @@ if "MESHTRAIN_TEST_CACHE" not in os.environ:
     os.environ["MESHTRAIN_TEST_CACHE"] = tempfile.mkdtemp(prefix="meshtrain-test-cache-")
 os.environ["MESHTRAIN_CACHE"] = os.environ["MESHTRAIN_TEST_CACHE"]
 os.environ.setdefault("MESHTRAIN_PEAK_FLOPS", "1e11")  # skip the matmul measurement
+os.environ.setdefault("MESHTRAIN_PEAK_FLOPS_BF16", "1e11")
+# train.precision = "auto" means fp32 in tests, on any CPU: parity is an fp32 promise.
+os.environ.setdefault("MESHTRAIN_PRECISION", "fp32")
