@@ -78,7 +78,7 @@ def test_out_of_range(tmp_path):
 def test_bad_choice_suggests(tmp_path):
     path = write(tmp_path, "run.toml", '[train]\nprecision = "bf61"\n')
     (line,) = problems(path)
-    assert line.startswith(f"{path}: train.precision: 'bf61' is not one of 'fp32', 'bf16'")
+    assert line.startswith(f"{path}: train.precision: 'bf61' is not one of 'auto', 'fp32', 'bf16'")
     assert line.endswith("(did you mean bf16?)")
 
 
