@@ -1,7 +1,7 @@
 # Shortcuts; CI runs .ci/run (a clean venv, then the README's test command).
 PYTHON ?= python
 
-.PHONY: test lint format bench parity memory configs multinode schedules
+.PHONY: test lint format bench parity memory slow configs multinode schedules
 
 test:
 	$(PYTHON) -m pytest -q -x
@@ -19,7 +19,7 @@ bench:
 parity:
 	MESHTRAIN_WIDE=1 $(PYTHON) -m pytest -q -m parity
 
-memory:
+memory slow:
 	$(PYTHON) -m pytest -q -m slow
 
 configs:

@@ -116,6 +116,9 @@ class TrainSection:
     """auto (bf16 where this device computes it faster, else fp32: meshtrain/precision.py), fp32,
     or bf16 compute with fp32 master weights (FSDP2 mixed precision under
     parallel.dp_shard, autocast otherwise)."""
+    compile: bool = False
+    """torch.compile each unit the family's plan names (its blocks): inductor with the system C
+    compiler on CPU, Triton on CUDA. The first step pays the compilation (compile_s)."""
     activation_checkpointing: str = _opt("none", choices=("none", "full", "selective"))
     """Recompute activations in backward for the units the family's plan names: none, full
     (keep only each unit's input) or selective (keep matmul and attention outputs)."""

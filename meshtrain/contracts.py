@@ -79,8 +79,8 @@ class StagePlan:
     """Modules sharded as their own FSDP2 unit (usually each block), in execution order; the
     stage itself is always the root unit holding the rest."""
     ac_units: tuple[str, ...] = ()
-    """Modules recomputed in backward under train.activation_checkpointing (usually each
-    block)."""
+    """Modules recomputed in backward under train.activation_checkpointing, and compiled each on
+    its own under train.compile (usually each block)."""
     hf_keys: Mapping[str, str | StackedKeys] = field(default_factory=dict)
     """Stage parameter name -> key(s) in the family's Hugging Face checkpoint, where they
     differ."""

@@ -1,5 +1,5 @@
-"""Apply a family's StagePlans: tensor parallel -> experts -> activation checkpointing -> weights
--> FSDP2.
+"""Apply a family's StagePlans: tensor parallel -> experts -> activation checkpointing -> compile
+-> weights -> FSDP2.
 
     parallelize(stages, plans, mesh, config, fill=load_weights)
 
@@ -57,6 +57,9 @@ def parallelize(
         if mode != "none":
             for path in plan.ac_units:
                 apply_checkpointing(stage.get_submodule(path), selective=mode == "selective")
+        if config.train.compile:  # each block on its own: one graph, reused by every block
+            for path in plan.ac_units:
+                stage.get_submodule(path).compile()
     fill(stages)
     if config.parallel.fsdp:
         for stage, plan in zip(stages, plans, strict=True):

@@ -152,6 +152,7 @@ def train_step(t: Trainer) -> dict:
             t.model.experts, shape.moe_layers, shape.num_experts, sequences, t.mesh.device
         )
     elapsed = time.perf_counter() - start
+    compile_s = _compile_seconds() if cfg.train.compile else 0.0
     # 6 FLOPs per matmul parameter and token (fwd + bwd) plus attention scores (PaLM, app. B).
     attention = 12 * shape.num_layers * shape.num_heads * shape.head_dim * cfg.train.seq_len
     flops = (6 * shape.matmul_params + attention) * tokens
@@ -168,8 +169,19 @@ def train_step(t: Trainer) -> dict:
         "cpu_s": stats["cpu_s"],
         "pp_busy_s": stats["pp_busy_s"],
         "data_wait_s": stats["data_wait_s"],
+        **({"compile_s": compile_s} if cfg.train.compile else {}),
         **moe,
     }
+
+
+def _compile_seconds() -> float:
+    """Seconds this process spent compiling since the last call (torch.compile's own record):
+    most in step 1, again wherever a new shape recompiles."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    total = sum(compilation_time_metrics.get("_compile.compile_inner", []))  # each frame's whole
+    compilation_time_metrics.clear()
+    return total
 
 
 def eval_due(cfg: Any, step: int, saving: bool) -> bool:
