@@ -16,7 +16,7 @@ format:
 bench:
 	$(PYTHON) bench/run.py
 
-parity:
+parity:  # every parity layout, the wide ones too (tests/spawn.py: WIDE)
 	MESHTRAIN_WIDE=1 $(PYTHON) -m pytest -q -m parity
 
 memory slow:

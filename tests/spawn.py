@@ -16,6 +16,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+WIDE = os.environ.get("MESHTRAIN_WIDE") == "1"
+"""`make parity`: also the layouts the default run leaves out as covered by others' parts."""
+
 
 def run_world(world: int, runs: list[tuple[str, list[str]]], out: Path) -> list[list[dict]]:
     """Train each (config, overrides) in turn in one world of `world` processes."""

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
 
-from tests.spawn import run_world
+from tests.spawn import WIDE, run_world
 
 pytestmark = [pytest.mark.dist, pytest.mark.parity]
 
@@ -47,7 +46,6 @@ SCHEDULES = [
     "zbv",
     "dualpipev",
 ]
-WIDE = os.environ.get("MESHTRAIN_WIDE") == "1"
 MASKED = ['data.source="synthetic"', "data.masked_share=0.25"]
 EVAL = ["eval.every=3", "eval.steps=2"]  # held-out loss after steps 3 and 6, forward only
 
