@@ -53,5 +53,7 @@ def test_compiled_blocks_match_eager_at_dp2_pp2_tp2(tmp_path):
         assert len(run) == STEPS
         for ref, got in zip(eager, run, strict=True):
             assert abs(got["loss"] - ref["loss"]) <= 1e-4 * ref["loss"], (got["loss"], ref["loss"])
-        assert run[0]["compile_s"] > 1.0  # step 1 compiles
-        assert run[-1]["compile_s"] < run[0]["compile_s"]  # later steps reuse the graphs
+        assert all(step["compile_s"] <= run[0]["compile_s"] for step in run)
+    # Step 1 of the first run compiles; the second run's blocks, the same code in the same
+    # process, may reuse those graphs.
+    assert compiled[0]["compile_s"] > 1.0
