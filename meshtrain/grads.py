@@ -32,10 +32,11 @@ class Tie:
 
 @dataclass
 class Reduction:
-    """Gradients to sum over `group` (of `size` ranks) and divide by `divisor`."""
+    """Gradients to sum over `group` (of `size` ranks; None: nothing to sum) and divide by
+    `divisor`."""
 
     params: list[nn.Parameter]
-    group: dist.ProcessGroup
+    group: dist.ProcessGroup | None
     size: int
     divisor: int
 
@@ -48,7 +49,8 @@ class GradState:
     norm_weights: list[float]
     ties: list[Tie]
     reductions: list[Reduction]
-    """Averages over dp still to do (replicated dp); none under FSDP2, which did them."""
+    """Averages over dp still to do: all of them with replicated dp; under FSDP2, which averaged
+    each gradient over its own mesh, only the experts' rescaling from edp to dp."""
 
 
 def finish_grads(state: GradState, max_norm: float) -> float:
@@ -81,7 +83,7 @@ def average(params: list[nn.Parameter], group: dist.ProcessGroup, size: int, div
     if not grads or (size == 1 and divisor == 1):
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    if size > 1:
+    if group is not None and size > 1:
         dist.all_reduce(flat, group=group)
     flat /= divisor
     offset = 0

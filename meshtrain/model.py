@@ -83,7 +83,7 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
         params=params,
         norm_weights=norm,
         ties=ties,
-        reductions=[] if par.fsdp else _reductions(params, plans, stages, mesh),
+        reductions=_reductions(params, plans, stages, mesh, fsdp=par.fsdp),
     )
     experts = [
         (stage.get_submodule(path), style)
@@ -96,19 +96,23 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
 
 
 def _reductions(
-    params: list[nn.Parameter], plans: list, stages: list[nn.Module], mesh: Mesh
+    params: list[nn.Parameter], plans: list, stages: list[nn.Module], mesh: Mesh, *, fsdp: bool
 ) -> list[Reduction]:
     """Replicated dp: dense gradients averaged over dp; expert weights summed over the ranks
-    holding the same experts (edp) and divided by dp (see meshtrain.grads)."""
+    holding the same experts (edp) and divided by dp (see meshtrain.grads). FSDP2 averaged
+    dense gradients over dp and expert ones over edp: those still need 1 / ep. (FSDP2's own
+    gradient divide factor would do it, but as a PREMUL_SUM reduce-scatter gloo lacks.)"""
     expert_ids = {
         id(stage.get_submodule(path).get_parameter(name))
         for stage, plan in zip(stages, plans, strict=True)
         for path, style in plan.experts.items()
         for name in style.ep_dims()
     }
-    dp = mesh.size("dp")
+    dp, ep = mesh.size("dp"), mesh.size("ep")
     dense = [p for p in params if id(p) not in expert_ids]
     experts = [p for p in params if id(p) in expert_ids]
+    if fsdp:
+        return [Reduction(experts, None, 1, ep)] if experts and ep > 1 else []
     reductions = [Reduction(dense, mesh.group("dp"), dp, dp)]
     if experts:
         reductions.append(Reduction(experts, mesh.group("edp"), mesh.size("edp"), dp))

@@ -83,12 +83,11 @@ def apply_fsdp(
 ) -> None:
     """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest). The
     experts of each MoE block first, over the dp ranks holding the same experts (edp); their
-    gradients are summed over edp and divided by all of dp, as every dense gradient is."""
+    gradients come out averaged over edp (finish_grads divides them by ep too)."""
     policy, dp_mesh = mixed_precision(precision), mesh.axis("dp")
     for path in plan.experts:
         experts = stage.get_submodule(path).experts
         fully_shard(experts, mesh=mesh.axis("edp"), mp_policy=policy, reshard_after_forward=reshard)
-        experts.set_gradient_divide_factor(float(dp_mesh.size()))
     for path in plan.fsdp_units:
         fully_shard(
             stage.get_submodule(path), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard

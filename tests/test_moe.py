@@ -11,7 +11,8 @@ Spawned worlds (tiny random models that transformers saved, `pretrained = true`,
     world 1   each family in one process, aux on and off: the references
     world 2   each family at dp2 ep2 (replicated dp), aux on and off (Mixtral's aux off only
               under `make parity`); Qwen3-MoE's step-4 checkpoint resumed at dp1 tp2
-    world 4   Qwen3-MoE at dp2 ep2 tp2 with sequence parallel; Mixtral at dp2 ep2 pp2
+    world 4   Qwen3-MoE at dp2 ep2 tp2 with sequence parallel and at dp4 ep2 with FSDP2 (two
+              groups of ep ranks); Mixtral at dp2 ep2 pp2
     world 8   each family at dp2 pp2 tp2 ep2 (1F1B, FSDP2), aux on: step 1 is transformers' loss
               on the same batch, the step-4 checkpoint exported and read by `from_pretrained`
               gives meshtrain's step-5 loss; Qwen3-MoE also aux off
@@ -251,6 +252,13 @@ RUNS = {  # (family, run) -> overrides; the world is dp * pp * tp
     },
     ("qwen3_moe", "dp2-ep2-tp2-sp"): [*layout(dp=2, ep=2, tp=2, sp=True), *AUX],
     ("mixtral", "dp2-ep2-pp2"): [*layout(dp=2, ep=2, pp=2), *AUX],
+    # Two groups of ep ranks (edp 2): FSDP2 shards and averages the experts over edp.
+    ("qwen3_moe", "dp4-ep2-shard"): [
+        *layout(dp=4, ep=2, shard=True),
+        *AUX,
+        "train.grad_acc=1",
+        "train.micro_batch_size=1",
+    ],
     **{
         (f, "dp2-pp2-tp2-ep2"): [
             *layout(2, 2, 2, 2, shard=True),
