@@ -107,19 +107,15 @@ SCENARIOS: dict[str, Scenario] = {
             workers=1,
             precision="bf16",
         ),
-        Scenario(
-            name="moe-ep1",
-            config=MOE,
-            overrides=MOE_MODEL + MOE_DP2 + ["parallel.ep=1"] + BATCH_DP2,
-            workers=2,
-            steps=10,
-        ),
-        Scenario(
-            name="moe-ep2",
-            config=MOE,
-            overrides=MOE_MODEL + MOE_DP2 + ["parallel.ep=2"] + BATCH_DP2,
-            workers=2,
-            steps=10,
+        *(
+            Scenario(
+                name=f"moe-ep{ep}",
+                config=MOE,
+                overrides=[*MOE_MODEL, *MOE_DP2, f"parallel.ep={ep}", *BATCH_DP2],
+                workers=2,
+                steps=10,
+            )
+            for ep in (1, 2)
         ),
         Scenario(
             name="tiny-8-startup",

@@ -110,6 +110,16 @@ class ExpertStats:
         self.aux.zero_()
 
 
+def expert_weight_ids(stages: list[nn.Module], plans: list[Any]) -> set[int]:
+    """id() of every expert weight (split over ep) in `stages`, from their StagePlans."""
+    return {
+        id(stage.get_submodule(path).get_parameter(name))
+        for stage, plan in zip(stages, plans, strict=True)
+        for path, style in plan.experts.items()
+        for name in style.ep_dims()
+    }
+
+
 def _distribute(module: nn.Module, path: str, mesh: DeviceMesh, placements: list) -> None:
     owner_path, _, name = path.rpartition(".")
     owner = module.get_submodule(owner_path)
@@ -122,12 +132,9 @@ def _local(param: torch.Tensor) -> torch.Tensor:
     """The local tensor; gradients from this rank's tokens only are partial over tp."""
     if not isinstance(param, DTensor):
         return param
-    grads = [Partial() if name == "tp" else p for name, p in _named(param)]
+    names = param.device_mesh.mesh_dim_names
+    grads = [Partial() if n == "tp" else p for n, p in zip(names, param.placements, strict=True)]
     return param.to_local(grad_placements=grads)
-
-
-def _named(param: DTensor) -> list[tuple[str, Any]]:
-    return list(zip(param.device_mesh.mesh_dim_names, param.placements, strict=True))
 
 
 def _forward(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from meshtrain.contracts import StagePlan
+from meshtrain.experts import expert_weight_ids
 from meshtrain.job import Job
 from meshtrain.pipeline import partition_layers, split_model
 from meshtrain.tensor_parallel import shard_dims
@@ -136,12 +137,7 @@ def _sizes(
             module = stage.get_submodule(path)
             for name in shard_dims(module, style, tp):
                 split[id(module.get_parameter(name))] = tp
-    experts = {
-        id(stage.get_submodule(path).get_parameter(name))
-        for stage, plan in zip(stages, plans, strict=True)
-        for path, style in plan.experts.items()
-        for name in style.ep_dims()
-    }
+    experts = expert_weight_ids(stages, plans)
     split.update(dict.fromkeys(experts, ep))
     sizes = {
         id(p): -(-p.numel() // split.get(id(p), 1)) for stage in stages for p in stage.parameters()

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from meshtrain.experts import expert_weight_ids
 from meshtrain.grads import GradState, Reduction, Tie
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, pp_pair_groups
@@ -102,12 +103,7 @@ def _reductions(
     holding the same experts (edp) and divided by dp (see meshtrain.grads). FSDP2 averaged
     dense gradients over dp and expert ones over edp: those still need 1 / ep. (FSDP2's own
     gradient divide factor would do it, but as a PREMUL_SUM reduce-scatter gloo lacks.)"""
-    expert_ids = {
-        id(stage.get_submodule(path).get_parameter(name))
-        for stage, plan in zip(stages, plans, strict=True)
-        for path, style in plan.experts.items()
-        for name in style.ep_dims()
-    }
+    expert_ids = expert_weight_ids(stages, plans)
     dp, ep = mesh.size("dp"), mesh.size("ep")
     dense = [p for p in params if id(p) not in expert_ids]
     experts = [p for p in params if id(p) in expert_ids]

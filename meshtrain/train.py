@@ -152,7 +152,6 @@ def train_step(t: Trainer) -> dict:
             t.model.experts, shape.moe_layers, shape.num_experts, sequences, t.mesh.device
         )
     elapsed = time.perf_counter() - start
-    compile_s = _compile_seconds() if cfg.train.compile else 0.0
     # 6 FLOPs per matmul parameter and token (fwd + bwd) plus attention scores (PaLM, app. B).
     attention = 12 * shape.num_layers * shape.num_heads * shape.head_dim * cfg.train.seq_len
     flops = (6 * shape.matmul_params + attention) * tokens
@@ -169,7 +168,7 @@ def train_step(t: Trainer) -> dict:
         "cpu_s": stats["cpu_s"],
         "pp_busy_s": stats["pp_busy_s"],
         "data_wait_s": stats["data_wait_s"],
-        **({"compile_s": compile_s} if cfg.train.compile else {}),
+        **({"compile_s": _compile_seconds()} if cfg.train.compile else {}),
         **moe,
     }
 

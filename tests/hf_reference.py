@@ -42,3 +42,15 @@ def hf_logits_and_loss(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tens
     mean = F.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten())
     assert torch.allclose(out.loss, mean, rtol=1e-6)  # the loss meshtrain means
     return out.logits, float(out.loss)
+
+
+def write_config(path: Path, folder: Path, steps: int = 5) -> Path:
+    """A run config whose family and architecture come only from the Hugging Face folder."""
+    path.write_text(
+        f'[model]\nname = "{folder}"\npretrained = true\n\n'
+        '[data]\nsource = "synthetic"\n\n'
+        f"[train]\nseq_len = {SEQ_LEN}\nsteps = {steps}\nlr = 1e-3\nwarmup_steps = 0\n"
+        "grad_acc = 2\n\n"
+        '[checkpoint]\nevery = 0\nresume = "never"\n'
+    )
+    return path

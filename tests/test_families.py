@@ -32,7 +32,14 @@ import pytest
 import torch
 
 from meshtrain.cli import main
-from tests.hf_reference import GLOBAL_BATCH, SEQ_LEN, VOCAB, global_batches, hf_logits_and_loss
+from tests.hf_reference import (
+    GLOBAL_BATCH,
+    SEQ_LEN,
+    VOCAB,
+    global_batches,
+    hf_logits_and_loss,
+    write_config,
+)
 from tests.spawn import WIDE, run_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,18 +136,6 @@ def save_hf_model(folder: Path, family: str) -> Path:
     sharded = FAMILIES[family][1]
     random_model(family).save_pretrained(folder, max_shard_size="100KB" if sharded else "50MB")
     return folder
-
-
-def write_config(path: Path, folder: Path) -> Path:
-    """A run config whose family and architecture come only from the Hugging Face folder."""
-    path.write_text(
-        f'[model]\nname = "{folder}"\npretrained = true\n\n'
-        '[data]\nsource = "synthetic"\n\n'
-        f"[train]\nseq_len = {SEQ_LEN}\nsteps = {STEPS}\nlr = 1e-3\nwarmup_steps = 0\n"
-        "grad_acc = 2\n\n"
-        '[checkpoint]\nevery = 0\nresume = "never"\n'
-    )
-    return path
 
 
 # ---------------------------------------------------------------- without a process group
@@ -359,7 +354,8 @@ def worlds(tmp_path_factory):
     """(family, run) -> (per-step metrics, run dir, Hugging Face folder); one world per size."""
     out = tmp_path_factory.mktemp("families")
     configs = {
-        f: write_config(out / f"{f}.toml", save_hf_model(out / f"{f}-hf", f)) for f in FAMILIES
+        f: write_config(out / f"{f}.toml", save_hf_model(out / f"{f}-hf", f), STEPS)
+        for f in FAMILIES
     }
     found = {}
     for world in sorted({world_of(o) for o in RUNS.values()}):

@@ -27,7 +27,14 @@ import pytest
 import torch
 
 from meshtrain.cli import main
-from tests.hf_reference import GLOBAL_BATCH, SEQ_LEN, VOCAB, global_batches, hf_logits_and_loss
+from tests.hf_reference import (
+    GLOBAL_BATCH,
+    SEQ_LEN,
+    VOCAB,
+    global_batches,
+    hf_logits_and_loss,
+    write_config,
+)
 from tests.spawn import WIDE, run_world
 
 RTOL = 1e-5
@@ -109,16 +116,16 @@ def mesh():
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_moe_blocks_as_meshtrain_runs_them_give_transformers_logits(family, mesh):
-    """The whole model with every MoE block replaced by meshtrain's (ep 1, tp 1) gives
-    transformers' logits and, with the aux loss, transformers' loss on one sequence of a model
-    of one MoE layer (its aux loss pools all layers and the whole batch)."""
+    """The whole model with every MoE block run by meshtrain's ExpertParallel (ep 1, tp 1)
+    gives transformers' logits; the plan names exactly the MoE layers (not Qwen3-MoE's dense
+    layer 1)."""
     from meshtrain.experts import uncounted
 
     reference = random_model(family)
     impl = family_of(family)
     model = impl.build(tiny_config(family))
     model.load_state_dict(reference.state_dict())
-    (stage,) = [impl.split(model, range(4), first=True, last=True, sequence_shards=1)]
+    stage = impl.split(model, range(4), first=True, last=True, sequence_shards=1)
     plan = impl.plan(stage, sequence_parallel=False)
     moe_layers = [i for i in range(4) if f"model.layers.{i}.mlp" in plan.experts]
     assert moe_layers == ([0, 2, 3] if family == "qwen3_moe" else [0, 1, 2, 3])
@@ -167,18 +174,11 @@ def test_init_is_transformers_init(family):
 
 
 def moe_config(tmp_path: Path, family: str, folder: Path | None = None) -> Path:
-    path = tmp_path / f"{family}.toml"
+    """A run config over `folder` (by default a fresh one holding only the tiny config)."""
     if folder is None:
         folder = tmp_path / f"{family}-hf"
         tiny_config(family).save_pretrained(folder)
-    path.write_text(
-        f'[model]\nname = "{folder}"\npretrained = true\n\n'
-        '[data]\nsource = "synthetic"\n\n'
-        f"[train]\nseq_len = {SEQ_LEN}\nsteps = {STEPS}\nlr = 1e-3\nwarmup_steps = 0\n"
-        "grad_acc = 2\n\n"
-        '[checkpoint]\nevery = 0\nresume = "never"\n'
-    )
-    return path
+    return write_config(tmp_path / f"{family}.toml", folder, STEPS)
 
 
 @pytest.mark.parametrize(
