@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = measure_machine(seconds=0.3 if args.quick else 1.0)
+    machine = measure_machine(seconds=0.3 if args.quick else 1.5)
     _say(
         f"{machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}: peak "
         f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16"
