@@ -156,6 +156,9 @@ class LogSection:
     """Print a line (or update the progress bar) every N steps."""
     tensorboard: bool = False
     """Also write TensorBoard event files to <run.dir>/tensorboard."""
+    comms: bool = False
+    """Count each step's collectives: metrics comm_bytes and comm_calls by axis and pp rank
+    (what `meshtrain plan` predicts). Costs some Python per op."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -12,7 +12,6 @@ The global norm is one world-wide all-reduce of weighted local squares: a parame
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,8 +52,9 @@ class GradState:
     each gradient over its own mesh, only the experts' rescaling from edp to dp."""
 
 
-def finish_grads(state: GradState, max_norm: float) -> float:
-    """Make every gradient final and clipped; returns the global gradient norm (before clip)."""
+def finish_grads(state: GradState, max_norm: float) -> torch.Tensor:
+    """Make every gradient final and clipped; returns the global gradient norm (before clip, a
+    0-d fp64 tensor: reading it is the caller's sync)."""
     align_placements(state.params)
     for r in state.reductions:
         average(r.params, r.group, r.size, r.divisor)
@@ -62,7 +62,7 @@ def finish_grads(state: GradState, max_norm: float) -> float:
         sum_tied(tie)
     square = weighted_square_norm(state.params, state.norm_weights)
     dist.all_reduce(square)
-    norm = math.sqrt(float(square))
+    norm = square.sqrt()
     clip(state.params, norm, max_norm)
     return norm
 
@@ -118,13 +118,13 @@ def weighted_square_norm(params: list, weights: list[float]) -> torch.Tensor:
     return total
 
 
-def clip(params: list, total_norm: float, max_norm: float) -> None:
-    """Scale every gradient so the global norm is at most `max_norm` (0 = off)."""
+def clip(params: list, total_norm: torch.Tensor, max_norm: float) -> None:
+    """Scale every gradient so the global norm is at most `max_norm` (0 = off). The factor stays
+    a tensor (1.0 exactly when under the limit), so clipping needs no host sync."""
     if max_norm <= 0:
         return
-    coef = max_norm / (total_norm + 1e-6)
-    if coef < 1.0:
-        for p in params:
-            g = local_grad(p)
-            if g is not None:
-                g.mul_(coef)
+    coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        g = local_grad(p)
+        if g is not None:
+            g.mul_(coef.to(g.dtype))

@@ -6,6 +6,7 @@ batch -> forward/backward (pipelined or not) -> dp grad sync -> tied grad sync
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from meshtrain import checkpoint, liveness, preflight
+from meshtrain.comms import CommCounter, axis_names, by_pp_rank
 from meshtrain.contracts import DataContext
 from meshtrain.experts import step_stats
 from meshtrain.grads import finish_grads
@@ -45,6 +47,8 @@ class Trainer:
     lr_schedule: Any
     data: Any
     peak_flops: float
+    base_mem_gib: float
+    """This process's memory before the model was built (imports, process group, mesh)."""
     step: int = 0
 
 
@@ -94,6 +98,7 @@ def run_step(t: Trainer, metrics_log: MetricsLog | None, steps_this_run: int) ->
 
 def build_trainer(job: Job) -> Trainer:
     mesh = init_mesh(job.config, job.device_type)
+    base_mem_gib = peak_memory_gib(mesh.device)
     liveness.start()
     job = resolve_precision(job, mesh)
     cfg = job.config
@@ -127,6 +132,7 @@ def build_trainer(job: Job) -> Trainer:
         lr_schedule=build_lr_schedule(optimizer, cfg.train),
         data=Prefetcher(job.source.open(job.data_options, data_context(job, mesh.dp_rank))),
         peak_flops=peak_flops(mesh, cfg.train.precision),
+        base_mem_gib=base_mem_gib,
     )
     if resume_from is not None:
         load_checkpoint(trainer, resume_from)
@@ -137,8 +143,11 @@ def train_step(t: Trainer) -> dict:
     """One optimizer step; returns its global metrics (the same on every rank)."""
     cfg, shape = t.job.config, t.job.shape
     start, cpu_start = time.perf_counter(), time.process_time()
-    loss, tokens = t.stepper.run(t.data.next_batch())
-    grad_norm = finish_grads(t.model.grads, cfg.train.grad_clip)
+    batch = t.data.next_batch()
+    counter = CommCounter(axis_names(t.mesh, t.model.grads.ties)) if cfg.log.comms else None
+    with counter or contextlib.nullcontext():
+        loss, tokens = t.stepper.run(batch)
+        grad_norm = float(finish_grads(t.model.grads, cfg.train.grad_clip))
     lr = t.lr_schedule.get_last_lr()[0]
     t.optimizer.step()
     t.lr_schedule.step()
@@ -169,6 +178,7 @@ def train_step(t: Trainer) -> dict:
         "pp_busy_s": stats["pp_busy_s"],
         "data_wait_s": stats["data_wait_s"],
         **({"compile_s": _compile_seconds()} if cfg.train.compile else {}),
+        **(by_pp_rank(counter, t.mesh) if counter else {}),
         **moe,
     }
 
@@ -228,22 +238,25 @@ def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float, wait_s: floa
     reporter = model.last and mesh.tp_rank == 0
     share = float(loss) / mesh.size("dp") if reporter else 0.0
     mem = peak_memory_gib(mesh.device)
-    summed = torch.zeros(3 + pp, dtype=torch.float64, device=mesh.device)
-    summed[:3] = torch.tensor([share, mem, time.process_time() - cpu_start])
-    summed[3 + me] = t.stepper.busy_s / (mesh.world // pp)
+    summed = torch.zeros(4 + pp, dtype=torch.float64, device=mesh.device)
+    summed[:4] = torch.tensor([share, mem, time.process_time() - cpu_start, t.base_mem_gib])
+    summed[4 + me] = t.stepper.busy_s / (mesh.world // pp)
     dist.all_reduce(summed)
-    peaks = torch.zeros(2 + pp, dtype=torch.float64, device=mesh.device)
+    peaks = torch.zeros(2 + 2 * pp, dtype=torch.float64, device=mesh.device)
     peaks[0] = peaks[1 + me] = mem
+    peaks[1 + pp + me] = t.base_mem_gib
     peaks[-1] = wait_s
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     return {
         "loss": float(summed[0]),
         "cpu_s": float(summed[2]),
-        "pp_busy_s": [round(float(v), 6) for v in summed[3:]],
+        "pp_busy_s": [round(float(v), 6) for v in summed[4:]],
         "memory": {
             "peak_mem_total_gib": float(summed[1]),
             "peak_mem_max_rank_gib": float(peaks[0]),
-            "pp_peak_mem_gib": [round(float(v), 4) for v in peaks[1:-1]],
+            "pp_peak_mem_gib": [round(float(v), 4) for v in peaks[1 : 1 + pp]],
+            "base_mem_total_gib": float(summed[3]),
+            "pp_base_mem_gib": [round(float(v), 4) for v in peaks[1 + pp : -1]],
         },
         "data_wait_s": float(peaks[-1]),
     }
