@@ -69,6 +69,30 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a key, value parsed as TOML (e.g. --set parallel.tp=2); repeatable",
         )
         one.set_defaults(command=command)
+    text = "simulate one step of a layout's ranks: memory per rank, collectives per axis"
+    one = sub.add_parser("plan", help=text, description=text)
+    one.add_argument("config", type=Path, help="TOML config file")
+    one.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, as for run; repeatable",
+    )
+    one.add_argument(
+        "--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB: does it fit?"
+    )
+    one.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="LAYOUT",
+        help='layouts side by side, each "dp=16,pp=8,tp=8" (also ep, sp, dp_shard, schedule, '
+        "grad_acc, mbs, ac, or any dotted key)",
+    )
+    one.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    one.set_defaults(command=cmd_plan)
     one = sub.add_parser("plugins", help="list installed plugins and the names they provide")
     one.set_defaults(command=cmd_plugins)
     one = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
@@ -110,6 +134,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in job.warnings:
         print(f"warning: {warning}")
     print(f"ok: {args.config} is valid")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from meshtrain.plan import format_plans, parse_bytes, plan_layouts, plans_json
+
+    memory = parse_bytes(args.device_memory) if args.device_memory else None
+    plans = plan_layouts(args.config, args.overrides, args.compare)
+    print(plans_json(plans, memory) if args.json else format_plans(plans, memory))
     return 0
 
 

@@ -63,12 +63,19 @@ class Job:
         return device
 
 
-def resolve_job(config: Config, extra_plugins: list[Any] = (), *, preflight: bool = False) -> Job:
+def resolve_job(
+    config: Config,
+    extra_plugins: list[Any] = (),
+    *,
+    preflight: bool = False,
+    planning: bool = False,
+) -> Job:
     """Load plugins and check everything that can be checked before starting processes.
 
     `preflight` (the CLI's check and run, not the workers): also read files -- the data
     source's `check` (files, tokenizer, columns), the run dir, the checkpoint to resume and
-    model.name's weights (meshtrain.preflight)."""
+    model.name's weights (meshtrain.preflight). `planning` (meshtrain plan): the run's device
+    need not be on this machine."""
     where = str(config.path)
     problems: list[str] = []
     known = entry_point_names()
@@ -119,7 +126,7 @@ def resolve_job(config: Config, extra_plugins: list[Any] = (), *, preflight: boo
         problems += check_degrees(config, shape, schedule)
     if config.model.pretrained and not config.model.name:
         problems.append(f"{where}: model.pretrained: true needs model.name (hub id or folder)")
-    if config.run.device == "cuda" and not torch.cuda.is_available():
+    if config.run.device == "cuda" and not torch.cuda.is_available() and not planning:
         problems.append(f"{where}: run.device: 'cuda' but no CUDA device is visible; use 'cpu'")
     if preflight and source is not None and data_options is not None:
         from meshtrain.preflight import data_problems

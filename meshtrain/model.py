@@ -7,6 +7,7 @@ stages, sharded over tp, and only then given memory; FSDP2 (dp_shard) shards it 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -48,9 +49,17 @@ class ParallelModel:
         return self.num_stages - 1 in self.stage_ids
 
 
-def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> ParallelModel:
+def build_parallel_model(
+    job: Job,
+    mesh: Mesh,
+    *,
+    weights: str = "init",
+    materialize: contextlib.AbstractContextManager | None = None,
+) -> ParallelModel:
     """This rank's stages with the plan applied. `weights`: "init" (from train.seed),
-    "pretrained" (model.name's safetensors) or "none" (a checkpoint fills them later)."""
+    "pretrained" (model.name's safetensors) or "none" (a checkpoint fills them later).
+    `materialize`: the context the stages get their memory in (`meshtrain plan`'s
+    FakeTensorMode; none: real memory)."""
     cfg, family = job.config, job.family
     par = cfg.parallel
     with torch.device("meta"):
@@ -63,6 +72,10 @@ def build_parallel_model(job: Job, mesh: Mesh, *, weights: str = "init") -> Para
     tied = {copy: source for source, copy in family.tied_parameters(job.model_config)}
 
     def fill(stages: list[nn.Module]) -> None:
+        with materialize or contextlib.nullcontext():
+            _fill(stages)
+
+    def _fill(stages: list[nn.Module]) -> None:
         for stage in stages:
             stage.to_empty(device=mesh.device)
             family.init_buffers(stage)

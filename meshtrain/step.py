@@ -52,6 +52,7 @@ class Stepper:
         schedule_provider: Any,
         grad_acc: int,
         autocast: bool,
+        pipeline: bool = True,
     ):
         self.model, self.mesh, self.grad_acc = model, mesh, grad_acc
         self.schedule_provider = schedule_provider
@@ -60,7 +61,7 @@ class Stepper:
         self.busy_s = 0.0
         """Seconds of the last step this rank computed (forward/backward of its stages), so the
         rest of the step is pipeline bubble."""
-        if mesh.size("pp") > 1:
+        if mesh.size("pp") > 1 and pipeline:  # meshtrain plan runs the actions itself
             stages = build_pipeline_stages(
                 model.stages, model.stage_ids, model.num_stages, mesh.device, mesh.group("pp")
             )
@@ -83,14 +84,19 @@ class Stepper:
         tokens = (labels != IGNORE_INDEX).sum()
         dist.all_reduce(tokens, group=self.mesh.group("dp"))
         self.loss_fn.scale = self.mesh.size("dp") / max(int(tokens), 1)
-        self.busy_s, start = 0.0, time.perf_counter()
         with loss_context(self.mesh.size("tp")), self.autocast:
-            if self.schedule is None:
-                loss = self._run_plain(inputs, labels)
-                self.busy_s = time.perf_counter() - start
-            else:
-                loss = self._run_pipeline(inputs, labels)
+            loss = self.forward_backward(inputs, labels)
         return loss, int(tokens)
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The step's micro-batches through this rank's stages, with `loss_fn.scale` set; returns
+        this rank's loss contribution."""
+        self.busy_s, start = 0.0, time.perf_counter()
+        if self.schedule is None:
+            loss = self._run_plain(inputs, labels)
+            self.busy_s = time.perf_counter() - start
+            return loss
+        return self._run_pipeline(inputs, labels)
 
     def evaluate(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, int]:
         """Forward only, in eval mode, through the same stages (and pipeline schedule).

@@ -44,9 +44,31 @@ def meshtrain(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def launcher_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("launcher")
-    result = meshtrain("run", TINY, *LAYOUT_8, "--set", f'run.dir="{run_dir}"')
+    # log.comms: the steps' collectives, which test_plan_sends_what_the_run_sends compares.
+    result = meshtrain(
+        "run", TINY, *LAYOUT_8, "--set", f'run.dir="{run_dir}"', "--set", "log.comms=true"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+def test_plan_sends_what_the_run_sends(launcher_run):
+    """`meshtrain plan`'s simulated step (fake process group, fake tensors) makes the same
+    collectives as the run's steps: calls and bytes per axis for each pp rank. From step 2: step 1
+    also sends the pipeline's shape inference."""
+    from meshtrain.config import load_config
+    from meshtrain.job import resolve_job
+    from meshtrain.simulate import simulate_job, with_precision
+
+    overrides = [item for item in LAYOUT_8 if item != "--set"]
+    sims = simulate_job(with_precision(resolve_job(load_config(TINY, overrides)), "fp32"))
+    lines = (launcher_run / "metrics.jsonl").read_text().splitlines()
+    for step in map(json.loads, lines[1:3]):
+        for axis in ("dp", "pp", "tp", "world"):
+            simulated = [sim.traffic.get(axis) for sim in sims]
+            assert step["comm_bytes"][axis] == [t.bytes if t else 0 for t in simulated], axis
+            assert step["comm_calls"][axis] == [t.calls if t else 0 for t in simulated], axis
+        assert step["comm_bytes"]["tp"][0] > 0 and step["comm_bytes"]["pp"][0] > 0
 
 
 def test_cli_run_8_workers_trains_and_logs(launcher_run):

@@ -70,6 +70,30 @@ class TorchSchedule:
             warmup = pp - pp_rank
         return min(grad_acc, math.ceil(warmup / self.stages_per_rank) + self.stages_per_rank - 1)
 
+    def actions(self, pp_rank: int, pp: int, n_microbatches: int) -> list[tuple[str, int, int]]:
+        """The compute actions torch's runtime runs on `pp_rank`, in order: (kind, stage,
+        micro-batch), kind F, B (whole backward), I (its input part), W (its weight part) or
+        REDUCE_GRAD (micro-batch -1); for `meshtrain plan`."""
+        from torch.distributed.pipelining import schedules
+        from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+
+        cls = getattr(schedules, self.class_name)
+        ops = get_schedule_ops(cls, pp, n_microbatches, num_stages_per_rank=self.stages_per_rank)
+        order: list[tuple[str, int, int]] = []
+        seen: dict[tuple[str, int], int] = {}
+        for op in ops[pp_rank]:
+            for action in (op.sub_actions or (op,)) if op is not None else ():
+                kind = action.computation_type.value
+                if kind == "REDUCE_GRAD":
+                    order.append((kind, action.stage_index, -1))
+                    continue
+                # Number each stage's passes in order: torch 2.13's 1F1B labels the last rank's
+                # forwards 1..n. Every schedule runs a stage's micro-batches in order.
+                key = ("B" if kind == "I" else kind, action.stage_index)
+                seen[key] = seen.get(key, -1) + 1
+                order.append((kind, action.stage_index, seen[key]))
+        return order
+
     def build(self, stages: list[Any], n_microbatches: int, loss_fn: Callable) -> Any:
         from torch.distributed.pipelining import schedules
 
