@@ -104,11 +104,12 @@ def by_pp_rank(counter: CommCounter, mesh: Any) -> dict[str, dict[str, list[int]
 
 def axis_names(mesh: Any, ties: Any = ()) -> dict[str, str]:
     """Process group name -> axis for a meshtrain Mesh: tp, pp, dp (and edp, its part holding the
-    same experts), ep; the groups of tied copies (`GradState.ties`) join pp ranks. Later axes win
-    where torch reuses one group for two axes."""
+    same experts), ep; the groups of tied copies (`GradState.ties`) join pp ranks. Ops on a
+    size-1 axis move nothing between ranks; they count as "world"."""
     names = {tie.group.group_name: "pp" for tie in ties if tie.group is not None}
     for axis in ("pp", "tp", "edp", "dp", "ep"):
-        names[mesh.group(axis).group_name] = "dp" if axis == "edp" else axis
+        if mesh.size(axis) > 1:  # torch may hand one rank's size-1 axes one group
+            names[mesh.group(axis).group_name] = "dp" if axis == "edp" else axis
     return names
 
 

@@ -151,6 +151,9 @@ class PipelineSchedule(Protocol):
     # Optional: `evaluates: bool` -- the built schedule's `eval()` runs forward only (torch's
     # single-stage and loop schedules). Without it, [eval] walks the stages in order with the
     # core's own forward sweep (meshtrain.pipeline.forward_sweep).
+    # Optional: `actions(pp_rank, pp, n_microbatches) -> [(kind, stage, micro-batch)]` -- the
+    # compute actions the schedule runs on `pp_rank`, in order (kind F, B, I, W or REDUCE_GRAD),
+    # which `meshtrain plan` replays. Without it, plan refuses pp > 1.
 
     def placement(self, pp_rank: int, pp: int) -> list[int]:
         """The stage ids (0 .. pp * stages_per_rank - 1) pipeline rank `pp_rank` holds, in the

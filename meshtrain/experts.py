@@ -62,6 +62,37 @@ def uncounted() -> Iterator[None]:
         _UNCOUNTED.active = False
 
 
+_BALANCED = threading.local()
+
+
+@contextlib.contextmanager
+def balanced_routing() -> Iterator[None]:
+    """`meshtrain plan` simulates on fake tensors, which hold no values to route by: every
+    expert then gets an equal share of the slots (a perfectly balanced router), so memory and
+    all-to-all traffic are those of an even load."""
+    _BALANCED.active = True
+    try:
+        yield
+    finally:
+        _BALANCED.active = False
+
+
+def _balanced() -> bool:
+    return getattr(_BALANCED, "active", False)
+
+
+def _even(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def _bincount(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """torch.bincount with `bins` bins, or the even split of `values` under balanced_routing."""
+    if _balanced():
+        return torch.tensor(_even(values.numel(), bins), device=values.device)
+    return torch.bincount(values, minlength=bins)
+
+
 @dataclass
 class ExpertParallel:
     """How the core runs one MoE block (see the module docstring)."""
@@ -172,7 +203,7 @@ def _forward(
         if module.moe_stats is None:
             module.moe_stats = ExpertStats.zeros(style.num_experts, h.device)
         stats = module.moe_stats
-        stats.tokens += torch.bincount(chosen.flatten(), minlength=style.num_experts)
+        stats.tokens += _bincount(chosen.flatten(), style.num_experts)
         stats.aux += aux.detach()
     if style.aux_coef and module.training and torch.is_grad_enabled():
         scale = style.aux_coef / (style.moe_layers * sequences)
@@ -199,11 +230,11 @@ def _experts(
     slots = chosen.flatten()  # (n k,)
     order = torch.argsort(slots, stable=True)  # slots grouped by expert, as transformers loops
     token = order // k
-    counts = torch.bincount(slots, minlength=style.num_experts)  # (E,)
+    counts = _bincount(slots, style.num_experts)  # (E,)
     sent = x[token]  # (n k, C)
     ep = ep_mesh.size()
     if ep == 1:
-        done = experts(sent, counts)
+        done = experts(sent, _even(n * k, style.num_experts) if _balanced() else counts)
     else:
         done = _exchange(experts, sent, counts, ep_mesh)
     done = done * weights.flatten()[order].unsqueeze(-1)  # bf16 under autocast, as x may not be
@@ -220,25 +251,36 @@ def _exchange(
     received = torch.empty_like(per_rank)
     dist.all_to_all_single(received, per_rank, group=group)  # [source rank, local expert]
     _CLOCK.seconds += time.perf_counter() - start
-    send_sizes = per_rank.sum(1).tolist()
-    recv_sizes = received.sum(1).tolist()
+    local_experts = received.shape[1]
+    if _balanced():  # every rank sends every rank its experts' even share
+        mine = _even(sent.shape[0], counts.numel())[:local_experts]
+        send_sizes, recv_sizes = [sum(mine)] * ep, [sum(mine)] * ep
+        per_source, local_counts = mine * ep, [c * ep for c in mine]
+    else:
+        send_sizes = per_rank.sum(1).tolist()
+        recv_sizes = received.sum(1).tolist()
+        per_source, local_counts = received.flatten(), received.sum(0)
     arrived = _AllToAll.apply(sent, recv_sizes, send_sizes, group)
     # Rows arrive grouped by source rank, then expert: regroup by expert for the matmuls.
-    local_experts = received.shape[1]
     expert_of_row = torch.arange(local_experts, device=sent.device).repeat(ep)
-    expert_of_row = expert_of_row.repeat_interleave(received.flatten())
+    expert_of_row = expert_of_row.repeat_interleave(
+        torch.as_tensor(per_source, device=sent.device), output_size=sum(recv_sizes)
+    )
     by_expert = torch.argsort(expert_of_row, stable=True)
-    done = experts(arrived[by_expert], received.sum(0))
+    done = experts(arrived[by_expert], local_counts)
     back = done[torch.argsort(by_expert)]  # source-rank order again
     return _AllToAll.apply(back, send_sizes, recv_sizes, group)
 
 
-def _run_experts(experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def _run_experts(
+    experts: nn.Module, rows: torch.Tensor, counts: torch.Tensor | list[int]
+) -> torch.Tensor:
     """Each local expert on its rows (grouped by expert, `counts` each). An expert without rows
     still runs, on none, so every rank has a gradient for its expert weights."""
     gate_up, down = _local(experts.gate_up_proj), _local(experts.down_proj)
     outputs = []
-    for index, part in enumerate(rows.split(counts.tolist())):
+    sizes = counts if isinstance(counts, list) else counts.tolist()
+    for index, part in enumerate(rows.split(sizes)):
         gate, up = F.linear(part, gate_up[index]).chunk(2, dim=-1)
         outputs.append(F.linear(experts.act_fn(gate) * up, down[index]))
     return torch.cat(outputs)
@@ -258,7 +300,7 @@ def _aux_loss(
     P_e its mean router probability."""
     num_experts = style.num_experts
     slots = sequence.repeat_interleave(style.top_k) * num_experts + chosen.flatten()
-    counts = torch.bincount(slots, minlength=batch * num_experts).view(batch, num_experts)
+    counts = _bincount(slots, batch * num_experts).view(batch, num_experts)
     counts = counts.to(probs.dtype)
     if tp_mesh.size() > 1:  # each tp rank routed part of every sequence
         dist.all_reduce(counts, group=tp_mesh.get_group())

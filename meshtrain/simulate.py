@@ -21,7 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import resource
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from meshtrain.comms import GATHERS, SCATTERS, CommCounter, Traffic, axis_names
 from meshtrain.errors import UserError
+from meshtrain.experts import balanced_routing
 from meshtrain.grads import finish_grads
 from meshtrain.job import Job
 from meshtrain.layout import rank_of
@@ -67,8 +69,8 @@ class RankSim:
     traffic: dict[str, Traffic]
     """Per axis (dp, ep, pp, tp, world): calls and bytes this rank sent or received."""
     imports: int = 0
-    """Resident bytes of the simulating process before it built anything: what a worker on
-    this machine holds besides tensors (interpreter, torch, transformers, plugins)."""
+    """Resident bytes of a fresh process that imported what a worker imports (interpreter,
+    torch, transformers, the plugins and the model's code), measured on this machine."""
     extrapolated: tuple[int, int] | None = None
     """The layer counts of the two simulations this one is extrapolated from (FOLD_ABOVE)."""
 
@@ -89,9 +91,39 @@ def simulate_job(job: Job, *, workers: int = 0, fold: bool = True) -> list[RankS
     """One RankSim per pp rank, in pp order. Each rank is simulated in a fresh process (DTensor's
     caches take meshes of one rank's world for another's: they compare by layout); pp rank 0
     first, since the others receive the hidden states it sends and need their shape."""
+    imports = _measure_imports(["meshtrain.train", *_modules(job)[1:]])
+    sims = _simulate_folded(job, workers) if fold else None
+    sims = sims or _simulate_configs([job.config], workers, _modules(job))[0]
+    return [dataclasses.replace(sim, imports=imports()) for sim in sims]
+
+
+def _measure_imports(modules: list[str]) -> Any:
+    """Start a fresh process that imports `modules`; returns a function waiting for its peak
+    resident bytes (a worker's baseline here; 0 if it failed)."""
+    # The resident size now, not ru_maxrss: Linux carries the forking parent's size into it.
+    code = (
+        f"import importlib, os\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    found: list[int] = []
+
+    def wait() -> int:
+        if not found:
+            out, _ = process.communicate()
+            found.append(int(out.strip() or 0) if process.returncode == 0 else 0)
+        return found[0]
+
+    return wait
+
+
+def _simulate_folded(job: Job, workers: int) -> list[RankSim] | None:
+    """FOLD_AT's two simulations extrapolated, for stages of more than FOLD_ABOVE layers."""
     config, stages = job.config, job.num_stages
-    if not fold or job.shape.num_layers <= FOLD_ABOVE * stages:
-        return _simulate_configs([config], workers, _modules(job))[0]
+    if job.shape.num_layers <= FOLD_ABOVE * stages:
+        return None
     small, large = FOLD_AT
     one, two = _simulate_configs(
         [_with_layers(config, small * stages), _with_layers(config, large * stages)],
@@ -161,7 +193,6 @@ def _extrapolate(a: RankSim, b: RankSim, layers_a: int, layers_b: int, layers: i
         b,
         peak={key: line(a.peak[key], value) for key, value in b.peak.items()},
         traffic=traffic,
-        imports=max(a.imports, b.imports),
         extrapolated=(layers_a, layers_b),
     )
 
@@ -170,10 +201,9 @@ def _simulate_rank_process(config: Any, pp_rank: int, boundary: Any) -> tuple[Ra
     from meshtrain.job import resolve_job
 
     job = resolve_job(config, planning=True)
-    imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     found = {"hidden": boundary} if boundary else {}
     sim = simulate_rank(job, pp_rank, found)
-    return dataclasses.replace(sim, imports=imports), found.get("hidden")
+    return sim, found.get("hidden")
 
 
 def simulate_rank(
@@ -197,7 +227,7 @@ def simulate_rank(
             tracker.track_external(*model.stages, optimizer)
             staged = job.device_type == "cpu"  # gloo; NCCL works in fixed buffers of its own
             counter = StagingCounter(axis_names(mesh, model.grads.ties), tracker, staged)
-            with counter, StepMemTracker.skipping_shape_propagation():
+            with counter, StepMemTracker.skipping_shape_propagation(), balanced_routing():
                 with tracker:
                     _step(job, mesh, model, boundary)
                 # The fused AdamW of a run allocates nothing; its fake kernel would (a copy of
