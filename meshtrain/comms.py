@@ -105,7 +105,9 @@ def by_pp_rank(counter: CommCounter, mesh: Any) -> dict[str, dict[str, list[int]
 def axis_names(mesh: Any, ties: Any = ()) -> dict[str, str]:
     """Process group name -> axis for a meshtrain Mesh: tp, pp, dp (and edp, its part holding the
     same experts), ep; the groups of tied copies (`GradState.ties`) join pp ranks. Ops on a
-    size-1 axis move nothing between ranks; they count as "world"."""
+    size-1 axis move nothing between ranks; they count as "world". Where axes span the same
+    ranks torch may give them one group (the world's, when one axis is all of it): the later
+    axis here names it."""
     names = {tie.group.group_name: "pp" for tie in ties if tie.group is not None}
     for axis in ("pp", "tp", "edp", "dp", "ep"):
         if mesh.size(axis) > 1:  # torch may hand one rank's size-1 axes one group

@@ -22,6 +22,32 @@ from plugins.meshtrain_schedules import SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.toml")
+V_FSDP_SP_AC = "dp=2,pp=2,tp=2,schedule=zbv,grad_acc=4,dp_shard=true,sp=true,ac=selective"
+MOE = """
+[model]
+family = "mixtral"
+hidden_size = 64
+intermediate_size = 32
+num_hidden_layers = 2
+num_attention_heads = 4
+num_key_value_heads = 2
+num_local_experts = 4
+num_experts_per_tok = 2
+vocab_size = 2048
+max_position_embeddings = 256
+
+[train]
+grad_acc = 2
+micro_batch_size = 2
+seq_len = 64
+
+[parallel]
+dp = 4                       # ep 2 of dp 2 would be the world's group, counted as one axis
+ep = 2
+
+[data]
+source = "synthetic"
+"""
 
 
 def test_sizes_and_layouts_parse():
@@ -61,13 +87,13 @@ def test_every_schedule_gives_each_micro_batch_a_forward_and_a_backward(name):
 def test_plan_compares_layouts_as_json():
     result = subprocess.run(
         [sys.executable, "-m", "meshtrain", "plan", TINY, "--device-memory", "1GiB", "--json"]
-        + ["--compare", "dp=2,tp=2", "pp=2,grad_acc=2"],
+        + ["--compare", "dp=2,tp=2", "pp=2,grad_acc=2", V_FSDP_SP_AC],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    tp2, pp2 = json.loads(result.stdout)
+    tp2, pp2, v = json.loads(result.stdout)
     assert (tp2["world"], tp2["tp"], len(tp2["ranks"])) == (4, 2, 1)
     assert (pp2["world"], pp2["pp"], len(pp2["ranks"])) == (2, 2, 2)
     assert tp2["fits"] and pp2["fits"]
@@ -81,6 +107,25 @@ def test_plan_compares_layouts_as_json():
     for rank in pp2["ranks"]:
         assert 0.6 * full < rank["tensor_bytes"]["params"] < 0.7 * full
     assert pp2["ranks"][1]["traffic"]["pp"]["bytes"] > 0
+    # zbv puts stages 0 and 3 on pp rank 0: both ranks send and receive hidden states.
+    assert (v["world"], v["schedule"], len(v["ranks"])) == (8, "zbv", 2)
+    for rank in v["ranks"]:
+        assert all(rank["traffic"][axis]["bytes"] > 0 for axis in ("dp", "pp", "tp"))
+
+
+def test_plan_routes_experts_evenly_over_ep(tmp_path):
+    """Fake tensors have no router values: each expert gets n k / E slots, so the all-to-all
+    bytes are known: per MoE layer and micro-batch the counts (E int64) and 4 exchanges (there
+    and back, forward and backward) of n k rows of C floats."""
+    from meshtrain.simulate import simulate_job, with_precision
+
+    config = tmp_path / "moe.toml"
+    config.write_text(MOE)
+    (sim,) = simulate_job(with_precision(resolve_job(load_config(config)), "fp32"))
+    tokens, k, width, experts, layers, micro = 2 * 64, 2, 64, 4, 2, 2
+    per_layer = experts * 8 + 4 * tokens * k * width * 4
+    assert sim.traffic["ep"].bytes == layers * micro * per_layer
+    assert sim.traffic["ep"].calls == layers * micro * 5
 
 
 def test_plan_names_a_bad_size_in_one_line():
