@@ -15,11 +15,13 @@ import dataclasses
 import os
 import subprocess
 import sys
+import traceback
 from typing import Any
 
 from meshtrain.comms import Traffic
+from meshtrain.errors import UserError, first_line
 from meshtrain.fake_step import RankSim, simulate_rank
-from meshtrain.job import Job
+from meshtrain.job import Job, resolve_job
 from meshtrain.pipeline import partition_layers
 
 FOLD_ABOVE = 4
@@ -68,11 +70,13 @@ def _simulate_folded(job: Job, workers: int) -> list[RankSim] | None:
     if job.shape.num_layers <= FOLD_ABOVE * stages:
         return None
     small, large = FOLD_AT
-    one, two = _simulate_configs(
-        [_with_layers(config, small * stages), _with_layers(config, large * stages)],
-        workers,
-        _modules(job),
-    )
+    short = [_with_layers(config, small * stages), _with_layers(config, large * stages)]
+    try:  # a family whose config lists something per layer (layer_types) may refuse
+        for one in short:
+            resolve_job(one, planning=True)
+    except UserError:
+        return None
+    one, two = _simulate_configs(short, workers, _modules(job))
     ranges = partition_layers(job.shape.num_layers, stages)
     sims = []
     for pp_rank, (a, b) in enumerate(zip(one, two, strict=True)):
@@ -94,10 +98,30 @@ def _simulate_configs(configs: list[Any], workers: int, preload: list[str]) -> l
         firsts = [pool.submit(_simulate_rank_process, c, 0, None) for c in configs]
         results = []
         for config, first in zip(configs, firsts, strict=True):
-            sim, boundary = first.result()
+            sim, boundary = _result(first, 0)
             rest = [pool.submit(_simulate_rank_process, config, p, boundary) for p in range(1, pp)]
             results.append((sim, rest))
-        return [[sim, *(future.result()[0] for future in rest)] for sim, rest in results]
+        return [
+            [sim, *(_result(future, p)[0] for p, future in enumerate(rest, 1))]
+            for sim, rest in results
+        ]
+
+
+class SimulationError(Exception):
+    """A simulating process failed; args: (the error's last line, its traceback as text)."""
+
+
+def _result(future: Any, pp_rank: int) -> Any:
+    try:
+        return future.result()
+    except SimulationError as err:
+        line, trace = err.args
+        if os.environ.get("MESHTRAIN_DEBUG", "") not in ("", "0"):
+            print(trace, file=sys.stderr)
+        raise UserError(
+            f"meshtrain plan: simulating pp rank {pp_rank} failed: {line} "
+            "(MESHTRAIN_DEBUG=1 prints the traceback)"
+        ) from None
 
 
 def _modules(job: Job) -> list[str]:
@@ -141,11 +165,16 @@ def _extrapolate(a: RankSim, b: RankSim, layers_a: int, layers_b: int, layers: i
 
 
 def _simulate_rank_process(config: Any, pp_rank: int, boundary: Any) -> tuple[RankSim, Any]:
-    from meshtrain.job import resolve_job
-
-    job = resolve_job(config, planning=True)
-    found = {"hidden": boundary} if boundary else {}
-    sim = simulate_rank(job, pp_rank, found)
+    """In a fresh process: the rank's RankSim and the hidden states' (shape, dtype) it saw. An
+    error comes back as text (torch's errors do not all pickle)."""
+    try:
+        job = resolve_job(config, planning=True)
+        found = {"hidden": boundary} if boundary else {}
+        sim = simulate_rank(job, pp_rank, found)
+    except Exception as err:
+        line = first_line(err)
+        line = line if isinstance(err, UserError) else f"{type(err).__name__}: {line}"
+        raise SimulationError(line, traceback.format_exc()) from None
     return sim, found.get("hidden")
 
 
