@@ -54,11 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"meshtrain {__version__}")
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    plan_text = "simulate one step of a layout's ranks: memory per rank, collectives per axis"
+    configs = {}
     for name, command, text in [
         ("run", cmd_run, "train a model from a TOML config"),
         ("check", cmd_check, "validate a config and print its layout"),
+        ("plan", cmd_plan, plan_text),
     ]:
-        one = sub.add_parser(name, help=text, description=text)
+        one = configs[name] = sub.add_parser(name, help=text, description=text)
         one.add_argument("config", type=Path, help="TOML config file")
         one.add_argument(
             "--set",
@@ -69,17 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="override a key, value parsed as TOML (e.g. --set parallel.tp=2); repeatable",
         )
         one.set_defaults(command=command)
-    text = "simulate one step of a layout's ranks: memory per rank, collectives per axis"
-    one = sub.add_parser("plan", help=text, description=text)
-    one.add_argument("config", type=Path, help="TOML config file")
-    one.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, as for run; repeatable",
-    )
+    one = configs["plan"]
     one.add_argument(
         "--device-memory", metavar="SIZE", help="memory of one device, e.g. 80GiB: does it fit?"
     )
@@ -92,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
         "grad_acc, mbs, ac, or any dotted key)",
     )
     one.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    one.set_defaults(command=cmd_plan)
     one = sub.add_parser("plugins", help="list installed plugins and the names they provide")
     one.set_defaults(command=cmd_plugins)
     one = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")

@@ -12,13 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from meshtrain_schedules import SCHEDULES
 
 from meshtrain.config import load_config
 from meshtrain.errors import UserError
 from meshtrain.job import resolve_job
 from meshtrain.layout import count_parameters
 from meshtrain.plan import layout_overrides, parse_bytes
-from plugins.meshtrain_schedules import SCHEDULES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_cpu.toml")
