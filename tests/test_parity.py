@@ -15,8 +15,8 @@ relative. Runs of one world size share one spawned world, whatever their group:
              split over tp
 
 The default run (CI) leaves out the layouts marked `wide(...)` below, each a combination whose
-parts other runs cover (gpipe beside 1f1b, every schedule at dp2 pp2 tp2 beside two of them);
-`make parity` (MESHTRAIN_WIDE=1) runs them all.
+parts other runs cover (gpipe beside 1f1b, every schedule at dp2 pp2 tp2 beside zbv, masked
+labels at dp2 pp2 tp2 beside dp2 and pp2 tp2); `make parity` (MESHTRAIN_WIDE=1) runs them all.
 """
 
 from __future__ import annotations
@@ -136,15 +136,13 @@ RUNS = [
         [
             layout(grad_acc=8, batch=8),
             *(layout(pp=2, schedule=s, grad_acc=4, batch=8) for s in SCHEDULES),
-            *(
-                layout(2, 2, 2, schedule=s, grad_acc=4, batch=8, shard=True)
-                for s in ("interleaved_1f1b", "zbv")
-            ),
+            layout(2, 2, 2, schedule="zbv", grad_acc=4, batch=8, shard=True),
             *wide(
                 *(
                     layout(2, 2, 2, schedule=s, grad_acc=4, batch=8, shard=True)
-                    for s in ("1f1b", "looped_bfs", "interleaved_zb", "dualpipev")
-                )
+                    for s in ("1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb")
+                ),
+                layout(2, 2, 2, schedule="dualpipev", grad_acc=4, batch=8, shard=True),
             ),
         ],
     ),
@@ -156,7 +154,7 @@ RUNS = [
             layout(),
             layout(dp=2),
             layout(pp=2, tp=2),
-            layout(2, 2, 2, shard=True),
+            *wide(layout(2, 2, 2, shard=True)),
         ],
     ),
     # lr 1e-3, not the config's 3e-3: at 3e-3 Adam's first updates (about lr * sign(g)) turn
