@@ -171,6 +171,12 @@ def _format_one(plan: LayoutPlan, device_memory: int | None) -> list[str]:
             if t.calls
         ]
         rows.append(f"  pp rank {sim.pp_rank}: " + "; ".join(parts))
+    folded = plan.ranks[0].extrapolated
+    if folded:
+        rows.append(
+            f"(stages simulated at {folded[0]} and {folded[1]} layers per rank and extrapolated "
+            "to their own count)"
+        )
     rows.append(_verdict(plan, device_memory))
     return [head, *rows]
 
@@ -211,6 +217,7 @@ def plans_json(plans: list[LayoutPlan], device_memory: int | None) -> str:
                 "peak_bytes": sim.peak_bytes + plan.runtime,
                 "tensor_bytes": sim.peak,
                 "traffic": {axis: asdict(t) for axis, t in sim.traffic.items()},
+                "extrapolated_from_layers": sim.extrapolated,
             }
             for sim in plan.ranks
         ]
