@@ -93,18 +93,21 @@ def layout_overrides(spec: str) -> list[str]:
 
 
 def plan_layouts(path: Path, overrides: list[str], compare: list[str]) -> list[LayoutPlan]:
-    """Simulate the config (with `overrides`) once, or once per --compare layout."""
-    specs = compare or [""]
-    return [
-        plan_layout(path, overrides + layout_overrides(spec), spec or "config") for spec in specs
-    ]
-
-
-def plan_layout(path: Path, overrides: list[str], name: str) -> LayoutPlan:
+    """Simulate the config (with `overrides`) once, or once per --compare layout. Every layout
+    is checked before the first is simulated (a typo in the last one costs no minutes)."""
     from meshtrain.job import resolve_job
+
+    specs = compare or [""]
+    jobs = [
+        resolve_job(load_config(path, overrides + layout_overrides(spec)), planning=True)
+        for spec in specs
+    ]
+    return [plan_layout(job, spec or "config") for job, spec in zip(jobs, specs, strict=True)]
+
+
+def plan_layout(job: Any, name: str) -> LayoutPlan:
     from meshtrain.simulate import simulate_job, with_precision
 
-    job = resolve_job(load_config(path, overrides), planning=True)
     precision = _precision(job)
     sims = simulate_job(with_precision(job, precision))
     par = job.config.parallel
