@@ -43,8 +43,8 @@ def simulate_job(job: Job, *, workers: int = 0, fold: bool = True) -> list[RankS
 
 
 def _measure_imports(modules: list[str]) -> Any:
-    """Start a fresh process that imports `modules`; returns a function waiting for its peak
-    resident bytes (a worker's baseline here; 0 if it failed)."""
+    """Start a fresh process that imports `modules`; returns a function waiting for its resident
+    bytes after the imports (a worker's baseline here; 0 if it failed)."""
     # The resident size now, not ru_maxrss: Linux carries the forking parent's size into it.
     code = (
         f"import importlib, os\nfor m in {modules!r}: importlib.import_module(m)\n"
