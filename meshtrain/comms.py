@@ -139,8 +139,5 @@ def _payload(name: str, args: Any, out: Any) -> int:
         tensors = args[1] if name != "reduce_scatter_tensor" else args[0]
     else:
         tensors = args[0]
-    return sum(t.numel() * t.element_size() for t in tree_flatten(tensors)[0] if _is_tensor(t))
-
-
-def _is_tensor(value: Any) -> bool:
-    return isinstance(value, torch.Tensor)
+    tensors = tree_flatten(tensors)[0]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))

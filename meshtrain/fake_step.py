@@ -27,7 +27,6 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from meshtrain.comms import Traffic, axis_names
-from meshtrain.errors import UserError
 from meshtrain.experts import balanced_routing
 from meshtrain.grads import finish_grads
 from meshtrain.job import Job
@@ -139,12 +138,6 @@ def _pipeline(
     """This rank's actions of the schedule, as torch's runtime runs them: each stage's forward
     keeps its graph until that micro-batch's backward; hidden states and their gradients go to
     the neighbouring stage's rank by send/recv on the pp group (or stay, on one rank)."""
-    actions_of = getattr(job.schedule, "actions", None)
-    if actions_of is None:
-        raise UserError(
-            f"pipeline.schedule: {job.config.pipeline.schedule!r} does not say its order of "
-            "actions (PipelineSchedule.actions), which meshtrain plan needs"
-        )
     pp, me = mesh.size("pp"), mesh.pp_rank
     holders = stage_ranks(job.schedule, pp)
     stages = dict(zip(model.stage_ids, model.stages, strict=True))
@@ -169,7 +162,7 @@ def _pipeline(
         else:
             dist.send(tensor.detach().contiguous(), group=group, group_dst=holders[stage])
 
-    for action in actions_of(me, pp, job.config.train.grad_acc):
+    for action in job.schedule.actions(me, pp, job.config.train.grad_acc):
         kind, index, micro = action
         stage = stages[index]
         last = index == job.num_stages - 1

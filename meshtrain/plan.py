@@ -106,7 +106,8 @@ def plan_layouts(path: Path, overrides: list[str], compare: list[str]) -> list[L
 
 
 def plan_layout(job: Any, name: str) -> LayoutPlan:
-    from meshtrain.simulate import simulate_job, with_precision
+    from meshtrain.precision import with_precision
+    from meshtrain.simulate import simulate_job
 
     precision = _precision(job)
     sims = simulate_job(with_precision(job, precision))

@@ -80,5 +80,10 @@ def resolve_precision(job: Any, mesh: Any) -> Any:
         choice = "bf16" if int(vote) else "fp32"
         if mesh.rank == 0:
             log.info("train.precision auto -> %s: %s", choice, why)
-    train = dataclasses.replace(config.train, precision=choice)
-    return dataclasses.replace(job, config=dataclasses.replace(config, train=train))
+    return with_precision(job, choice)
+
+
+def with_precision(job: Any, precision: str) -> Any:
+    """`job` with train.precision set to `precision`."""
+    train = dataclasses.replace(job.config.train, precision=precision)
+    return dataclasses.replace(job, config=dataclasses.replace(job.config, train=train))

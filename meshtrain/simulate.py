@@ -36,9 +36,16 @@ def simulate_job(job: Job, *, workers: int = 0, fold: bool = True) -> list[RankS
     """One RankSim per pp rank, in pp order. Each rank is simulated in a fresh process (DTensor's
     caches take meshes of one rank's world for another's: they compare by layout); pp rank 0
     first, since the others receive the hidden states it sends and need their shape."""
-    imports = _measure_imports(["meshtrain.train", *_modules(job)[1:]])
-    sims = _simulate_folded(job, workers) if fold else None
-    sims = sims or _simulate_configs([job.config], workers, _modules(job))[0]
+    if job.config.parallel.pp > 1 and not callable(getattr(job.schedule, "actions", None)):
+        raise UserError(
+            f"{job.config.path}: pipeline.schedule: {job.config.pipeline.schedule!r} does not "
+            "say its order of actions (PipelineSchedule.actions), which meshtrain plan needs"
+        )
+    modules = _modules(job)
+    imports = _measure_imports(["meshtrain.train", *modules])
+    preload = ["meshtrain.simulate", *modules]
+    sims = _simulate_folded(job, workers, preload) if fold else None
+    sims = sims or _simulate_configs([job.config], workers, preload)[0]
     return [dataclasses.replace(sim, imports=imports()) for sim in sims]
 
 
@@ -64,7 +71,7 @@ def _measure_imports(modules: list[str]) -> Any:
     return wait
 
 
-def _simulate_folded(job: Job, workers: int) -> list[RankSim] | None:
+def _simulate_folded(job: Job, workers: int, preload: list[str]) -> list[RankSim] | None:
     """FOLD_AT's two simulations extrapolated, for stages of more than FOLD_ABOVE layers."""
     config, stages = job.config, job.num_stages
     if job.shape.num_layers <= FOLD_ABOVE * stages:
@@ -76,7 +83,7 @@ def _simulate_folded(job: Job, workers: int) -> list[RankSim] | None:
             resolve_job(one, planning=True)
     except UserError:
         return None
-    one, two = _simulate_configs(short, workers, _modules(job))
+    one, two = _simulate_configs(short, workers, preload)
     ranges = partition_layers(job.shape.num_layers, stages)
     sims = []
     for pp_rank, (a, b) in enumerate(zip(one, two, strict=True)):
@@ -125,9 +132,9 @@ def _result(future: Any, pp_rank: int) -> Any:
 
 
 def _modules(job: Job) -> list[str]:
-    """What a simulating process imports (5 s of torch, transformers and the model's code): the
-    forkserver imports them once and every process starts from it."""
-    names = ["meshtrain.simulate"]
+    """The plugins' and the model's modules (with torch and transformers, 5 s to import): the
+    forkserver imports them once and every simulating process starts from it."""
+    names = []
     for plugin in (job.family, job.schedule, job.source, job.model_config):
         names.append(type(plugin).__module__)
     config = type(job.model_config).__module__
@@ -176,10 +183,3 @@ def _simulate_rank_process(config: Any, pp_rank: int, boundary: Any) -> tuple[Ra
         line = line if isinstance(err, UserError) else f"{type(err).__name__}: {line}"
         raise SimulationError(line, traceback.format_exc()) from None
     return sim, found.get("hidden")
-
-
-def with_precision(job: Job, precision: str) -> Job:
-    """`job` with train.precision set (the plan resolves "auto" before simulating)."""
-    config = job.config
-    train = dataclasses.replace(config.train, precision=precision)
-    return dataclasses.replace(job, config=dataclasses.replace(config, train=train))

@@ -58,7 +58,8 @@ def test_plan_sends_what_the_run_sends(launcher_run):
     also sends the pipeline's shape inference."""
     from meshtrain.config import load_config
     from meshtrain.job import resolve_job
-    from meshtrain.simulate import simulate_job, with_precision
+    from meshtrain.precision import with_precision
+    from meshtrain.simulate import simulate_job
 
     overrides = [item for item in LAYOUT_8 if item != "--set"]
     sims = simulate_job(with_precision(resolve_job(load_config(TINY, overrides)), "fp32"))

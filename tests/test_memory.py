@@ -24,7 +24,8 @@ import pytest
 from meshtrain.config import load_config
 from meshtrain.job import resolve_job
 from meshtrain.layout import build_layout
-from meshtrain.simulate import simulate_job, with_precision
+from meshtrain.precision import with_precision
+from meshtrain.simulate import simulate_job
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 

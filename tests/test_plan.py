@@ -117,7 +117,8 @@ def test_plan_routes_experts_evenly_over_ep(tmp_path):
     """Fake tensors have no router values: each expert gets n k / E slots, so the all-to-all
     bytes are known: per MoE layer and micro-batch the counts (E int64) and 4 exchanges (there
     and back, forward and backward) of n k rows of C floats."""
-    from meshtrain.simulate import simulate_job, with_precision
+    from meshtrain.precision import with_precision
+    from meshtrain.simulate import simulate_job
 
     config = tmp_path / "moe.toml"
     config.write_text(MOE)
