@@ -29,7 +29,6 @@ NOT_TRAFFIC = {
     "_wrap_tensor_autograd",
     "barrier",
     "monitored_barrier_",
-    "broadcast_",
 }
 GATHERS = {"_allgather_base_", "all_gather_into_tensor", "allgather_"}
 SCATTERS = {"_reduce_scatter_base_", "reduce_scatter_tensor", "reduce_scatter_"}

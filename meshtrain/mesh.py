@@ -31,6 +31,8 @@ class Mesh:
     dp_mesh: DeviceMesh
     """The flattened ("edp", "ep") axis."""
     device: torch.device
+    backend: str
+    """The run's collectives: "gloo" or "nccl" (a plan simulates either on a fake group)."""
     rank: int
     world: int
     dp_rank: int
@@ -48,10 +50,11 @@ class Mesh:
         return self.axis(axis).get_group()
 
 
-def init_mesh(config: Config, device_type: str) -> Mesh:
-    """Join (or create, for one process) the process group and build the mesh."""
+def init_mesh(config: Config, device_type: str, backend: str | None = None) -> Mesh:
+    """Join (or create, for one process) the process group and build the mesh. `backend`: the
+    run's, where it is not the one `device_type` implies (a plan simulating a CUDA run)."""
     par = config.parallel
-    backend = "nccl" if device_type == "cuda" else "gloo"
+    backend = backend or ("nccl" if device_type == "cuda" else "gloo")
     timeout = timedelta(seconds=config.run.timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ:
@@ -79,6 +82,7 @@ def init_mesh(config: Config, device_type: str) -> Mesh:
         mesh=mesh,
         dp_mesh=dp_mesh,
         device=device,
+        backend=backend,
         rank=dist.get_rank(),
         world=dist.get_world_size(),
         dp_rank=coords["dp"],

@@ -26,6 +26,7 @@ from torch.utils.checkpoint import (
 
 from meshtrain.config import Config
 from meshtrain.contracts import StagePlan
+from meshtrain.fsdp_comms import use_gloo_comms
 from meshtrain.mesh import Mesh
 
 SAVED_OPS = {  # "selective": keep the outputs of these ops, recompute the cheap rest
@@ -85,15 +86,27 @@ def apply_fsdp(
     experts of each MoE block first, over the dp ranks holding the same experts (edp); their
     gradients come out averaged over edp (finish_grads divides them by ep too)."""
     policy, dp_mesh = mixed_precision(precision), mesh.axis("dp")
-    for path in plan.experts:
-        experts = stage.get_submodule(path).experts
-        fully_shard(experts, mesh=mesh.axis("edp"), mp_policy=policy, reshard_after_forward=reshard)
-    for path in plan.fsdp_units:
+    units = [
         fully_shard(
-            stage.get_submodule(path), mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard
+            stage.get_submodule(path).experts,
+            mesh=mesh.axis("edp"),
+            mp_policy=policy,
+            reshard_after_forward=reshard,
         )
+        for path in plan.experts
+    ]
+    for path in plan.fsdp_units:
+        module = stage.get_submodule(path)
+        units.append(
+            fully_shard(module, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+        )
+        if isinstance(module, nn.Embedding):  # a lookup's backward needs no weights
+            units[-1].set_unshard_in_backward(False)
     # The root: None lets FSDP2 keep it gathered after forward, since backward starts with it.
-    fully_shard(stage, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=None)
+    units.append(fully_shard(stage, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=None))
+    if mesh.backend == "gloo":  # meshtrain.fsdp_comms: without gloo's staging copies
+        for unit in units:
+            use_gloo_comms(unit)
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
