@@ -54,6 +54,13 @@ class ParallelSection:
     """FSDP2 units after their forward: free the gathered weights and gather again in backward
     (always), or keep them until backward (never: less traffic, a stage's weights in memory).
     auto = never for schedules that split backward (zero bubble), else always."""
+    grad_sync: str = _opt("step", choices=("step", "microbatch"))
+    """When FSDP2 reduce-scatters gradients: once per step, after the last micro-batch (step:
+    fewest collectives; under pp each stage keeps its gathered weights and full-size gradients
+    from its first backward to the end of the step), or after every micro-batch's backward
+    (microbatch: only sharded gradients and the unit in use gathered; one more all-gather and
+    reduce-scatter per unit and micro-batch). Only under FSDP2; not for schedules that split
+    backward."""
 
     @property
     def fsdp(self) -> bool:
@@ -159,6 +166,10 @@ class LogSection:
     comms: bool = False
     """Count each step's collectives: metrics comm_bytes and comm_calls by axis and pp rank
     (what `meshtrain plan` predicts). Costs some Python per op."""
+    comm_time: bool = False
+    """Time each step's collectives with torch's profiler: metric comm_s, seconds per kind
+    (all_reduce, all_gather, broadcast, send, ...) by pp rank, the mean over its ranks. On gloo
+    that is the time spent in or waiting at them; on NCCL only their launch."""
 
 
 @dataclass(frozen=True, kw_only=True)

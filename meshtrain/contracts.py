@@ -76,8 +76,10 @@ class StagePlan:
     """DTensor ParallelStyles for `parallelize_module` on the tp mesh. The head must return
     vocab-sharded logits (Shard(-1)) for loss parallel."""
     fsdp_units: tuple[str, ...] = ()
-    """Modules sharded as their own FSDP2 unit (usually each block), in execution order; the
-    stage itself is always the root unit holding the rest."""
+    """Modules sharded as their own FSDP2 unit, in execution order (usually the embedding, each
+    block and the head: a unit is gathered only around its own forward and backward, and its
+    gradient reduced right after its backward); the stage itself is always the root unit
+    holding the rest, which stays gathered from its forward through the stage's backward."""
     ac_units: tuple[str, ...] = ()
     """Modules recomputed in backward under train.activation_checkpointing, and compiled each on
     its own under train.compile (usually each block)."""

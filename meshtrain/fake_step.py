@@ -28,14 +28,14 @@ from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from meshtrain.comms import Traffic, axis_names
 from meshtrain.experts import balanced_routing
-from meshtrain.grads import finish_grads
+from meshtrain.grads import finish_grads, share_tied
 from meshtrain.job import Job
 from meshtrain.layout import rank_of
 from meshtrain.mem_tracking import StagingCounter, StepMemTracker, categories, total
 from meshtrain.mesh import Mesh, init_mesh
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_optimizer
-from meshtrain.pipeline import stage_ranks
+from meshtrain.pipeline import before_backward, stage_ranks
 from meshtrain.step import Stepper, TokenLoss
 from meshtrain.tensor_parallel import loss_context
 
@@ -74,14 +74,14 @@ def simulate_rank(
     rank = rank_of(0, pp_rank, 0, par.pp, par.tp)
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=job.config.world_size)
     try:
-        mesh = init_mesh(job.config, "cpu")
+        mesh = init_mesh(job.config, "cpu", "nccl" if job.device_type == "cuda" else "gloo")
         mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
         model = build_parallel_model(job, mesh, weights="none", materialize=mode)
         with mode:
             optimizer = _optimizer_with_state(model, job.config.train)
             tracker = StepMemTracker(model.stages)
             tracker.track_external(*model.stages, optimizer)
-            staged = job.device_type == "cpu"  # gloo; NCCL works in fixed buffers of its own
+            staged = mesh.backend == "gloo"  # NCCL works in fixed buffers of its own
             counter = StagingCounter(axis_names(mesh, model.grads.ties), tracker, staged)
             with counter, StepMemTracker.skipping_shape_propagation(), balanced_routing():
                 with tracker:
@@ -89,6 +89,7 @@ def simulate_rank(
                 # The fused AdamW of a run allocates nothing; its fake kernel would (a copy of
                 # every list it updates), so it steps untracked.
                 optimizer.step()
+                share_tied(model.grads.ties)
                 optimizer.zero_grad(set_to_none=True)
         peak = max(categories(tracker.get_tracker_snapshot("peak")), counter.peak, key=total)
     finally:
@@ -99,8 +100,8 @@ def simulate_rank(
 def _optimizer_with_state(model: ParallelModel, train: Any) -> torch.optim.Optimizer:
     """The run's optimizer after one step: a step from the second on holds its moments through
     forward and backward, and that is the step that peaks."""
-    optimizer = build_optimizer(model.params, train)
-    for p in model.params:
+    optimizer = build_optimizer(model.stepped, train)
+    for p in model.stepped:
         p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -116,7 +117,8 @@ def _step(job: Job, mesh: Mesh, model: ParallelModel, boundary: dict[str, Any]) 
     tokens = (labels >= 0).sum()
     dist.all_reduce(tokens, group=mesh.group("dp"))  # Stepper.run's global token count
     autocast = train.precision == "bf16" and not job.config.parallel.fsdp
-    stepper = Stepper(model, mesh, job.schedule, train.grad_acc, autocast, pipeline=False)
+    each = job.config.parallel.grad_sync == "microbatch"
+    stepper = Stepper(model, mesh, job.schedule, train.grad_acc, autocast, False, each)
     stepper.loss_fn.scale = 1.0 / rows / train.seq_len
     with loss_context(mesh.size("tp")), stepper.autocast:
         if mesh.size("pp") == 1:
@@ -139,6 +141,7 @@ def _pipeline(
     keeps its graph until that micro-batch's backward; hidden states and their gradients go to
     the neighbouring stage's rank by send/recv on the pp group (or stay, on one rank)."""
     pp, me = mesh.size("pp"), mesh.pp_rank
+    each = job.config.parallel.grad_sync == "microbatch"
     holders = stage_ranks(job.schedule, pp)
     stages = dict(zip(model.stage_ids, model.stages, strict=True))
     micro_inputs = inputs.chunk(job.config.train.grad_acc)
@@ -180,7 +183,7 @@ def _pipeline(
             kept[(index, micro)] = (x, out)
         elif kind in ("B", "I"):
             x, out = kept.pop((index, micro))
-            _no_sync(stage)
+            before_backward(stage, each and kind == "B")
             if last:
                 out.backward()
             else:
@@ -194,15 +197,6 @@ def _pipeline(
     for index, stage in stages.items():  # the multi-stage runtimes reduce after the last action
         if index not in reduced:
             _reduce_grad(stage)
-
-
-def _no_sync(stage: nn.Module) -> None:
-    """What torch's stage does before every backward of an FSDP2 stage: keep the gathered
-    weights and the unreduced gradients until REDUCE_GRAD."""
-    if isinstance(stage, FSDPModule):
-        stage.set_is_last_backward(False)
-        stage.set_reshard_after_backward(False)
-        stage.set_requires_gradient_sync(False)
 
 
 def _reduce_grad(stage: nn.Module) -> None:

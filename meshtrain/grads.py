@@ -1,7 +1,11 @@
 """Finish the gradients of one step, in one place, in this order:
 
-    align placements -> average over dp (unless FSDP2 did) -> sum tied copies
+    align placements -> average over dp (unless FSDP2 did) -> sum tied copies into the source
     -> global norm over every axis -> clip
+
+and, after the optimizer step, `share_tied`: a tied pair (the embedding and the head on another
+stage) is stepped once, on its source's side; the copy has no optimizer state and takes the
+source's new values.
 
 Expert weights (meshtrain.experts) are held by the edp ranks only, and each already has the
 gradient of every token its ep group routed to it: they are summed over edp and divided by dp.
@@ -22,10 +26,12 @@ from torch.distributed.tensor import DTensor
 
 @dataclass
 class Tie:
-    """This rank's side of a tied pair: the copies it holds (1, or 2 when both sit on this rank
-    in different stages) and the group with the rank holding the other side (None when local)."""
+    """This rank's side of a tied pair: the source (stepped by the optimizer) and/or the copy
+    (not), both when they sit on this rank in different stages, and the group of two with the
+    rank holding the other side (None when local)."""
 
-    params: list[nn.Parameter]
+    source: nn.Parameter | None
+    copy: nn.Parameter | None
     group: dist.ProcessGroup | None
 
 
@@ -93,14 +99,42 @@ def average(params: list[nn.Parameter], group: dist.ProcessGroup, size: int, div
 
 
 def sum_tied(tie: Tie) -> None:
-    """Every copy of a tied weight gets the sum of all copies' gradients."""
-    grads = [local_grad(p) for p in tie.params]
-    total = grads[0] if len(grads) == 1 else torch.stack(grads).sum(0)
-    if tie.group is not None:
-        dist.all_reduce(total, group=tie.group)
-    for g in grads:
-        if g is not total:
-            g.copy_(total)
+    """The source's gradient becomes the sum of both sides'; the copy's is dropped (its weight
+    is not stepped, see `share_tied`)."""
+    if tie.group is None:
+        local_grad(tie.source).add_(local_grad(tie.copy))
+    else:
+        mine = tie.source if tie.source is not None else tie.copy
+        dist.reduce(local_grad(mine), group=tie.group, group_dst=_source_rank(tie))
+    if tie.copy is not None:
+        tie.copy.grad = None
+
+
+@torch.no_grad()
+def share_tied(ties: list[Tie]) -> None:
+    """After the optimizer step: each copy takes its source's new values."""
+    for tie in ties:
+        if tie.group is None:
+            local_data(tie.copy).copy_(local_data(tie.source))
+        else:
+            mine = tie.source if tie.source is not None else tie.copy
+            dist.broadcast(local_data(mine), group=tie.group, group_src=_source_rank(tie))
+
+
+def stepped(state: GradState) -> list[nn.Parameter]:
+    """The parameters the optimizer steps: all but the tied copies."""
+    copies = {id(tie.copy) for tie in state.ties if tie.copy is not None}
+    return [p for p in state.params if id(p) not in copies]
+
+
+def _source_rank(tie: Tie) -> int:
+    """The source's rank in the tie's group of two."""
+    me = dist.get_rank(tie.group)
+    return me if tie.source is not None else 1 - me
+
+
+def local_data(p: torch.Tensor) -> torch.Tensor:
+    return p._local_tensor if isinstance(p, DTensor) else p.data
 
 
 def local_grad(p: torch.Tensor) -> torch.Tensor | None:

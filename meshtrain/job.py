@@ -261,6 +261,12 @@ def check_degrees(config: Config, shape: ModelShape, schedule: PipelineSchedule)
             f"pipeline.schedule {config.pipeline.schedule!r}, which splits backward into input "
             "and weight passes that need the gathered weights; use 'auto' or 'never'"
         )
+    if schedule.splits_backward and par.pp > 1 and par.grad_sync == "microbatch":
+        problems.append(
+            f"{p}: parallel.grad_sync: 'microbatch' cannot be used with pipeline.schedule "
+            f"{config.pipeline.schedule!r}, which splits backward into input and weight passes "
+            "(gradients exist only after the last); use 'step'"
+        )
     if par.sequence_parallel and train.seq_len % par.tp:
         problems.append(
             f"{p}: train.seq_len: {train.seq_len} must be divisible by parallel.tp "

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from meshtrain.experts import expert_weight_ids
-from meshtrain.grads import GradState, Reduction, Tie
+from meshtrain.grads import GradState, Reduction, Tie, stepped
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, pp_pair_groups
 from meshtrain.parallelize import parallelize
@@ -39,6 +39,11 @@ class ParallelModel:
     @property
     def params(self) -> list[nn.Parameter]:
         return self.grads.params
+
+    @property
+    def stepped(self) -> list[nn.Parameter]:
+        """What the optimizer steps: the params but tied copies (meshtrain.grads.share_tied)."""
+        return stepped(self.grads)
 
     @property
     def first(self) -> bool:
@@ -157,10 +162,9 @@ def _ties(
     pp_pair = {(a, b): tuple(sorted((ranks[holders[a]], ranks[holders[b]]))) for a, b in pairs}
     groups = pp_pair_groups(mesh, sorted({p for p in pp_pair.values() if p[0] != p[1]}))
     ties = []
-    for a, b in pairs:
-        held = [mine[n] for n in (a, b) if n in mine]
-        if holders[a] != holders[b] and held:  # in one stage: one Parameter, re-tied
-            ties.append(Tie(params=held, group=groups.get(pp_pair[a, b])))
+    for a, b in pairs:  # (source, copy)
+        if holders[a] != holders[b] and (a in mine or b in mine):  # one stage: one Parameter
+            ties.append(Tie(mine.get(a), mine.get(b), groups.get(pp_pair[a, b])))
     return ties
 
 

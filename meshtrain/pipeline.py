@@ -70,22 +70,66 @@ def split_model(
 
 
 def build_pipeline_stages(
-    stages: list[nn.Module], ids: list[int], num_stages: int, device: torch.device, group: Any
+    stages: list[nn.Module],
+    ids: list[int],
+    num_stages: int,
+    device: torch.device,
+    group: Any,
+    sync_each_microbatch: bool = False,
 ) -> list[Any]:
     """Wrap stage modules for the schedule; shapes are inferred on the first step (a forward
-    on empty tensors that MoE metrics must not count)."""
-    from torch.distributed.pipelining import PipelineStage
-
+    on empty tensors that MoE metrics must not count). `sync_each_microbatch`: FSDP2 reduces
+    gradients after every micro-batch (parallel.grad_sync), not once at REDUCE_GRAD."""
     from meshtrain.experts import uncounted
 
+    kind = _stage_class(sync_each_microbatch)
     wrapped = []
     for module, index in zip(stages, ids, strict=True):
-        stage = PipelineStage(module, index, num_stages, device, group=group)
+        stage = kind(module, index, num_stages, device, group=group)
         infer = getattr(stage, "_forward_metadata_inference", None)  # torch 2.13's name
         if infer is not None:
             stage._forward_metadata_inference = _wrapped(infer, uncounted)
         wrapped.append(stage)
     return wrapped
+
+
+def before_backward(stage: nn.Module, sync_each_microbatch: bool) -> None:
+    """FSDP2's flags before one micro-batch's backward of a stage. torch's runtime: keep the
+    gathered weights and the full-size gradients until the step's REDUCE_GRAD. Each
+    micro-batch: FSDP2's defaults, each unit reshards and reduce-scatters after its backward
+    (the sharded gradients accumulate; REDUCE_GRAD then finds nothing left to reduce)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(stage, FSDPModule):
+        stage.set_is_last_backward(sync_each_microbatch)
+        stage.set_reshard_after_backward(sync_each_microbatch)
+        stage.set_requires_gradient_sync(sync_each_microbatch)
+
+
+def _stage_class(sync_each_microbatch: bool) -> Any:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.pipelining import PipelineStage
+    from torch.distributed.pipelining._backward import stage_backward
+
+    if not sync_each_microbatch:
+        return PipelineStage
+
+    class SyncingStage(PipelineStage):
+        """torch's stage, whose full backward of an FSDP2 stage reduces every micro-batch
+        (torch 2.13's `backward_maybe_with_nosync` hard-codes the no-sync flags)."""
+
+        def backward_maybe_with_nosync(
+            self, backward_type: str, bwd_kwargs: dict, last_backward: bool = False
+        ) -> Any:
+            if backward_type != "full" or not isinstance(self.submod, FSDPModule):
+                return super().backward_maybe_with_nosync(backward_type, bwd_kwargs, last_backward)
+            before_backward(self.submod, True)
+            grads = stage_backward(
+                bwd_kwargs["stage_output"], bwd_kwargs["output_grads"], bwd_kwargs["input_values"]
+            )
+            return grads, None
+
+    return SyncingStage
 
 
 def _wrapped(method: Any, context: Any) -> Any:

@@ -53,8 +53,11 @@ class Stepper:
         grad_acc: int,
         autocast: bool,
         pipeline: bool = True,
+        sync_each_microbatch: bool = False,
     ):
         self.model, self.mesh, self.grad_acc = model, mesh, grad_acc
+        self.sync_each_microbatch = sync_each_microbatch
+        """FSDP2 reduces gradients after every micro-batch (parallel.grad_sync)."""
         self.schedule_provider = schedule_provider
         self.loss_fn = TokenLoss()
         self.schedule = None
@@ -63,7 +66,12 @@ class Stepper:
         rest of the step is pipeline bubble."""
         if mesh.size("pp") > 1 and pipeline:  # meshtrain plan runs the actions itself
             stages = build_pipeline_stages(
-                model.stages, model.stage_ids, model.num_stages, mesh.device, mesh.group("pp")
+                model.stages,
+                model.stage_ids,
+                model.num_stages,
+                mesh.device,
+                mesh.group("pp"),
+                sync_each_microbatch,
             )
             for stage in stages:
                 self._time_compute(stage)
@@ -178,8 +186,9 @@ class Stepper:
         total = torch.zeros((), device=inputs.device)
         micro = list(zip(inputs.chunk(self.grad_acc), labels.chunk(self.grad_acc), strict=True))
         for index, (x, y) in enumerate(micro):
-            if isinstance(stage, FSDPModule):  # reduce-scatter once, after the last micro-batch
-                stage.set_requires_gradient_sync(index == len(micro) - 1)
+            if isinstance(stage, FSDPModule):  # parallel.grad_sync: once, or every micro-batch
+                last = index == len(micro) - 1
+                stage.set_requires_gradient_sync(last or self.sync_each_microbatch)
             loss = self.loss_fn(stage(x), y)
             loss.backward()
             total += _plain(loss.detach())

@@ -69,7 +69,9 @@ def _lookup(
     out = F.embedding(shifted.masked_fill(outside, 0), local, padding_idx=padding)  # (B, T, C)
     out = out.masked_fill(outside.unsqueeze(-1), 0.0)
     summed = DTensor.from_local(out, mesh, [Partial()]).redistribute(mesh, [output_layout])
-    return summed.to_local()
+    # A copy, not to_local()'s view: FSDP2 hooks an embedding unit's output for backward, and an
+    # in-place op on a view would skip that hook (FSDP2 warns on views).
+    return summed.to_local().clone()
 
 
 class ChannelShardedNorm(ParallelStyle):

@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 
 from meshtrain import checkpoint, liveness, preflight
+from meshtrain.comm_time import CommTimer, seconds_by_pp_rank
 from meshtrain.comms import CommCounter, axis_names, by_pp_rank
 from meshtrain.contracts import DataContext
 from meshtrain.experts import step_stats
-from meshtrain.grads import finish_grads
+from meshtrain.grads import finish_grads, share_tied
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, init_mesh
 from meshtrain.metrics import MetricsLog, peak_flops, peak_memory_gib
@@ -116,7 +117,7 @@ def build_trainer(job: Job) -> Trainer:
     resume_from = checkpoint.find_resume(cfg)
     weights = "none" if resume_from else "pretrained" if cfg.model.pretrained else "init"
     model = build_parallel_model(job, mesh, weights=weights)
-    optimizer = build_optimizer(model.params, cfg.train)
+    optimizer = build_optimizer(model.stepped, cfg.train)
     trainer = Trainer(
         job=job,
         mesh=mesh,
@@ -127,6 +128,7 @@ def build_trainer(job: Job) -> Trainer:
             job.schedule,
             cfg.train.grad_acc,
             autocast=cfg.train.precision == "bf16" and not cfg.parallel.fsdp,
+            sync_each_microbatch=cfg.parallel.grad_sync == "microbatch",
         ),
         optimizer=optimizer,
         lr_schedule=build_lr_schedule(optimizer, cfg.train),
@@ -145,11 +147,13 @@ def train_step(t: Trainer) -> dict:
     start, cpu_start = time.perf_counter(), time.process_time()
     batch = t.data.next_batch()
     counter = CommCounter(axis_names(t.mesh, t.model.grads.ties)) if cfg.log.comms else None
-    with counter or contextlib.nullcontext():
+    timer = CommTimer(t.mesh.backend) if cfg.log.comm_time else None
+    with timer or contextlib.nullcontext(), counter or contextlib.nullcontext():
         loss, tokens = t.stepper.run(batch)
         grad_norm = float(finish_grads(t.model.grads, cfg.train.grad_clip))
-    lr = t.lr_schedule.get_last_lr()[0]
-    t.optimizer.step()
+        lr = t.lr_schedule.get_last_lr()[0]
+        t.optimizer.step()
+        share_tied(t.model.grads.ties)
     t.lr_schedule.step()
     t.optimizer.zero_grad(set_to_none=True)
     t.step += 1
@@ -179,6 +183,7 @@ def train_step(t: Trainer) -> dict:
         "data_wait_s": stats["data_wait_s"],
         **({"compile_s": _compile_seconds()} if cfg.train.compile else {}),
         **(by_pp_rank(counter, t.mesh) if counter else {}),
+        **(seconds_by_pp_rank(timer, t.mesh) if timer else {}),
         **moe,
     }
 

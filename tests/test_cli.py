@@ -145,6 +145,15 @@ BAD_CONFIGS = {
         '[pipeline]\nschedule = "zbv"\n',
         ["parallel.reshard_after_forward: 'always' cannot be used with pipeline.schedule 'zbv'"],
     ),
+    "zero bubble with gradients reduced per micro-batch": (
+        'BASE\n[parallel]\npp = 2\ndp = 2\ndp_shard = true\ngrad_sync = "microbatch"\n'
+        '[pipeline]\nschedule = "interleaved_zb"\n',
+        ["parallel.grad_sync: 'microbatch' cannot be used with pipeline.schedule 'interleaved_zb'"],
+    ),
+    "unknown grad_sync": (
+        'BASE\n[parallel]\ngrad_sync = "sometimes"\n',
+        ["parallel.grad_sync"],
+    ),
 }
 
 

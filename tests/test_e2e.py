@@ -44,9 +44,14 @@ def meshtrain(*args: str, **kwargs) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def launcher_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("launcher")
-    # log.comms: the steps' collectives, which test_plan_sends_what_the_run_sends compares.
+    # log.comms: the steps' collectives, which test_plan_sends_what_the_run_sends compares;
+    # log.comm_time: their seconds by kind.
     result = meshtrain(
-        "run", TINY, *LAYOUT_8, "--set", f'run.dir="{run_dir}"', "--set", "log.comms=true"
+        "run",
+        TINY,
+        *LAYOUT_8,
+        *("--set", f'run.dir="{run_dir}"', "--set", "log.comms=true"),
+        *("--set", "log.comm_time=true"),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
@@ -70,6 +75,18 @@ def test_plan_sends_what_the_run_sends(launcher_run):
             assert step["comm_bytes"][axis] == [t.bytes if t else 0 for t in simulated], axis
             assert step["comm_calls"][axis] == [t.calls if t else 0 for t in simulated], axis
         assert step["comm_bytes"]["tp"][0] > 0 and step["comm_bytes"]["pp"][0] > 0
+
+
+def test_comm_time_reports_each_kind_of_collective(launcher_run):
+    """log.comm_time: every pp rank spent time in tp/dp all-reduces and pipeline sends and
+    receives, and no more in collectives than the step took."""
+    for line in (launcher_run / "metrics.jsonl").read_text().splitlines()[1:]:
+        step = json.loads(line)
+        seconds = step["comm_s"]
+        for kind in ("all_reduce", "send", "recv"):
+            assert all(s > 0 for s in seconds[kind]), (kind, seconds)
+        for rank in range(2):
+            assert sum(s[rank] for s in seconds.values()) < step["step_time_s"], seconds
 
 
 def test_cli_run_8_workers_trains_and_logs(launcher_run):

@@ -61,11 +61,13 @@ def layout(
     bf16: bool = False,
     batch: int = 4,
     ac: str = "none",
+    sync: str = "step",
 ) -> tuple[str, list[str]]:
     """A run at global batch `batch` = dp * micro_batch_size * grad_acc."""
     name = f"dp{dp}-pp{pp}-tp{tp}-{schedule}{'-shard' if shard else ''}{'-sp' if sp else ''}"
     name += (f"-ga{grad_acc}" if grad_acc != 2 else "") + ("-bf16" if bf16 else "")
     name += f"-ac_{ac}" if ac != "none" else ""
+    name += f"-sync_{sync}" if sync != "step" else ""
     return name, [
         f"parallel.dp={dp}",
         f"parallel.pp={pp}",
@@ -78,6 +80,7 @@ def layout(
         f"train.steps={STEPS}",
         f'train.precision="{"bf16" if bf16 else "fp32"}"',
         f'train.activation_checkpointing="{ac}"',
+        f'parallel.grad_sync="{sync}"',
         "checkpoint.every=0",
         'checkpoint.resume="never"',
     ]
@@ -110,6 +113,7 @@ RUNS = [
             layout(bf16=True),
             layout(dp=2),
             layout(dp=2, shard=True),
+            layout(dp=2, shard=True, sync="microbatch"),
             layout(pp=2),
             layout(pp=2, schedule="gpipe"),
             layout(tp=2),
@@ -124,6 +128,7 @@ RUNS = [
             layout(2, 2, 2, shard=True),
             *wide(layout(2, 2, 2, schedule="gpipe")),
             layout(2, 2, 2, schedule="gpipe", shard=True, sp=True),
+            layout(2, 2, 2, shard=True, sync="microbatch"),
             layout(2, 2, 2, shard=True, ac="full"),
             layout(2, 2, 2, shard=True, ac="selective"),
             layout(2, 2, 2, shard=True, bf16=True),
@@ -143,6 +148,10 @@ RUNS = [
                     for s in ("1f1b", "interleaved_1f1b", "looped_bfs", "interleaved_zb")
                 ),
                 layout(2, 2, 2, schedule="dualpipev", grad_acc=4, batch=8, shard=True),
+                *(
+                    layout(2, 2, 2, schedule=s, grad_acc=4, batch=8, shard=True, sync="microbatch")
+                    for s in ("gpipe", "1f1b", "interleaved_1f1b", "looped_bfs")
+                ),
             ),
         ],
     ),

@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
 
 from meshtrain.api import ModelShape, StagePlan, VocabParallelEmbedding
 from meshtrain_models.family import DecoderFamily, reset_rotary
+from meshtrain_models.plan import vocab_units
 
 
 class NeoxStage(nn.Module):
@@ -88,7 +89,8 @@ def neox_plan(stage: nn.Module, *, sequence_parallel: bool) -> StagePlan:
             input_layouts=between, output_layouts=Shard(-1), use_local_output=False
         )
     hf_keys = {"lm_head.weight": "embed_out.weight"} if stage.last else {}
-    return StagePlan(tp=tp, fsdp_units=blocks, ac_units=blocks, hf_keys=hf_keys)
+    units = vocab_units(stage, "gpt_neox.embed_in", "lm_head", blocks)
+    return StagePlan(tp=tp, fsdp_units=units, ac_units=blocks, hf_keys=hf_keys)
 
 
 class NeoxFamily(DecoderFamily):
