@@ -21,8 +21,15 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from runner import measure_machine, report_failure, run_scenario, summarize
-from scenarios import ROOT, SCENARIOS, steps_for
+from runner import (
+    measure_machine,
+    report_failure,
+    run_scenario,
+    skip_reason,
+    summarize,
+    time_command,
+)
+from scenarios import COMMANDS, ROOT, SCENARIOS, steps_for
 from targets import evaluate
 
 COLUMNS = [
@@ -80,17 +87,32 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16"
     )
     summaries, runs = {}, {}
+    commands = {name: time_command(command) for name, command in COMMANDS.items()}
+    _say("wall s, best of 3: " + ", ".join(f"{n} {s:.2f}" for n, s in commands.items()))
+    machine["command_s"] = commands
     with tempfile.TemporaryDirectory(prefix="meshtrain-bench-") as tmp:
         for name in args.names:
             scenario = SCENARIOS[name]
+            reason = skip_reason(scenario, machine)
+            if reason:
+                _say(f"skipping {name}: {reason}")
+                summaries[name] = {
+                    "ok": False,
+                    "skipped": reason,
+                    "workers": scenario.workers,
+                    "precision": scenario.precision,
+                    "first_step_s": None,
+                }
+                continue
             steps = steps_for(scenario, args.steps, args.quick)
             _say(f"running {name} (workers={scenario.workers}, steps={steps}) ...")
             runs[name] = run_scenario(scenario, machine, Path(tmp) / name, steps, args.quick)
             summaries[name] = summarize(scenario, runs[name])
             if not summaries[name]["ok"]:
                 report_failure(name, runs[name])
-    targets = evaluate(summaries)
+    targets = evaluate(summaries, machine)
     print_table(summaries)
+    print_breakdown(summaries)
     print_targets(targets)
     write_json(args, machine, summaries, runs, targets)
     return 0 if all(s["ok"] for s in summaries.values()) else 1
@@ -112,7 +134,7 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
                 f"{s['mfu']:.1%}",
             ]
         else:
-            cells += ["failed"] + ["-"] * 6
+            cells += ["skipped" if "skipped" in s else "failed"] + ["-"] * 6
         first, a2a = s["first_step_s"], s.get("all_to_all_s_per_step")
         cells.append("-" if first is None else f"{first:.1f}")
         cells.append("-" if a2a is None else f"{a2a:.3f}")
@@ -124,6 +146,21 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
         "mem in GiB, peak RSS; MFU vs this machine's measured peak for the precision;\n"
         " a2a: seconds per step each rank spends in the MoE all-to-alls, forward and backward)"
     )
+
+
+def print_breakdown(summaries: dict[str, dict[str, Any]]) -> None:
+    """Seconds of a step per rank: compute, each collective kind, the rest."""
+    rows = {name: s["breakdown_s"] for name, s in summaries.items() if "breakdown_s" in s}
+    if not rows:
+        return
+    kinds = sorted({k for parts in rows.values() for k in parts} - {"compute", "other"})
+    titles = ["compute", *kinds, "other"]
+    print("\nwhere a step goes, seconds per rank (mean over pp ranks; gloo: time in or waiting")
+    print("at each kind of collective; other: bubble outside collectives, optimizer, Python):")
+    print(f"{'scenario':>14}  " + "  ".join(f"{t:>14}" for t in titles))
+    for name, parts in rows.items():
+        cells = [f"{parts.get(t, 0.0):.3f}" for t in titles]
+        print(f"{name:>14}  " + "  ".join(f"{c:>14}" for c in cells))
 
 
 def print_targets(targets: list[dict[str, Any]]) -> None:
@@ -145,7 +182,7 @@ def write_json(
         "machine": machine,
         "quick": args.quick,
         "argv": sys.argv,
-        "scenarios": {name: {"summary": summaries[name], "run": runs[name]} for name in summaries},
+        "scenarios": {n: {"summary": summaries[n], "run": runs.get(n)} for n in summaries},
         "targets": targets,
     }
     args.out.write_text(json.dumps(document, indent=2) + "\n")

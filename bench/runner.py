@@ -142,7 +142,53 @@ def summarize(scenario: Scenario, result: dict[str, Any]) -> dict[str, Any]:
     if "all_to_all_s" in timed[-1]:  # a mixture of experts
         summary["all_to_all_s_per_step"] = median("all_to_all_s")
         summary["expert_load"] = median("expert_tokens_max") / median("expert_tokens_mean")
+    if "comm_s" in timed[-1]:
+        summary["breakdown_s"] = breakdown(timed)
     return summary
+
+
+def breakdown(timed: list[dict[str, Any]]) -> dict[str, float]:
+    """Where a rank's step goes, the mean over pp ranks and the median over steps: compute
+    (its stages' forward and backward), each kind of collective (gloo: time in or waiting at
+    it) and the rest (pipeline bubble outside collectives, optimizer, Python)."""
+    kinds = sorted({kind for m in timed for kind in m["comm_s"]})
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    parts = {"compute": statistics.median(mean(m["pp_busy_s"]) for m in timed)}
+    for kind in kinds:
+        parts[kind] = statistics.median(mean(m["comm_s"].get(kind, [0.0])) for m in timed)
+    step = statistics.median(float(m["step_time_s"]) for m in timed)
+    parts["other"] = step - sum(parts.values())
+    return parts
+
+
+def time_command(args: list[str], tries: int = 3) -> float:
+    """Best wall time of `python -m meshtrain ARGS` over `tries` runs (a fresh process each)."""
+    best = float("inf")
+    for _ in range(tries):
+        start = time.perf_counter()
+        subprocess.run(
+            [sys.executable, "-m", "meshtrain", *args],
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=True,
+        )
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def skip_reason(scenario: Scenario, machine: dict[str, Any]) -> str | None:
+    """bf16 scenarios only where bf16 matmuls are faster than fp32 (the targets about bf16
+    speed apply only there; on a CPU without bf16 hardware they would run for hours)."""
+    if scenario.precision == "bf16" and machine["peak_gflops_bf16"] <= machine["peak_gflops_fp32"]:
+        return (
+            f"bf16 matmul {machine['peak_gflops_bf16']:.1f} GFLOP/s is not faster than fp32 "
+            f"{machine['peak_gflops_fp32']:.1f} here"
+        )
+    return None
 
 
 def report_failure(name: str, result: dict[str, Any]) -> None:

@@ -58,6 +58,13 @@ BF16 = ['train.precision="bf16"']
 # dp = 1 keeps 4 sequences per micro-batch, so 4 micro-batches make the same 16-sequence batch.
 BATCH_DP1 = ["train.micro_batch_size=4", "train.grad_acc=4"]
 BATCH_DP2 = ["train.micro_batch_size=4", "train.grad_acc=2"]
+GRAD_SYNC_STEP = ['parallel.grad_sync="step"']
+# What a user waits for before anything runs: `meshtrain check` of the reference config and the
+# plugin catalog (best of 3 wall times each).
+COMMANDS = {
+    "check": ["check", str(ROOT / "configs" / "smollm_cpu.toml")],
+    "plugins": ["plugins"],
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +78,8 @@ class Scenario:
     """Default step count (`--steps` replaces it, except for a startup-only scenario)."""
     startup_only: bool = False
     """Only the time from command to first step matters; `--steps` does not apply."""
+    profile: bool = False
+    """Count and time the collectives (log.comms, log.comm_time) for the step breakdown."""
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -82,6 +91,7 @@ SCENARIOS: dict[str, Scenario] = {
             overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
             workers=8,
             steps=20,
+            profile=True,
         ),
         Scenario(
             name="small-1",
@@ -90,7 +100,23 @@ SCENARIOS: dict[str, Scenario] = {
             workers=1,
             steps=20,
         ),
-        Scenario(name="ref-8", config=REF, workers=8),
+        Scenario(name="ref-8", config=REF, workers=8, profile=True),
+        # The reference config's memory settings, one at a time back to the default, and
+        # activation checkpointing and compile on top of it.
+        Scenario(name="ref-8-step", config=REF, overrides=GRAD_SYNC_STEP, workers=8, steps=3),
+        *(
+            Scenario(
+                name=f"ref-8-ac-{mode}",
+                config=REF,
+                overrides=[f'train.activation_checkpointing="{mode}"'],
+                workers=8,
+                steps=3,
+            )
+            for mode in ("full", "selective")
+        ),
+        Scenario(
+            name="ref-8-compile", config=REF, overrides=["train.compile=true"], workers=8, steps=3
+        ),
         Scenario(name="ref-8-bf16", config=REF, overrides=BF16, workers=8, precision="bf16"),
         Scenario(
             name="ref-tp2pp2",
@@ -98,6 +124,7 @@ SCENARIOS: dict[str, Scenario] = {
             workers=4,
             overrides=["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=false"]
             + BATCH_DP1,
+            profile=True,
         ),
         Scenario(name="ref-1", config=REF, overrides=ONE_PROCESS + BATCH_DP1, workers=1),
         Scenario(
@@ -149,6 +176,7 @@ def build_command(scenario: Scenario, run_dir: Path, steps: int, quick: bool) ->
         "checkpoint.every=0",
         'checkpoint.resume="never"',
         f"train.steps={steps}",
+        *(["log.comms=true", "log.comm_time=true"] if scenario.profile else []),
     ]
     command = [sys.executable, "-m", "meshtrain", "run", str(scenario.config)]
     for item in overrides:
