@@ -214,7 +214,7 @@ def toml_value(value: Any) -> str:
 def format_layout(job: Job, rows: list[RankLayout]) -> str:
     """The mesh, the stage/layer table and one line per rank."""
     from meshtrain.layout import count_parameters
-    from meshtrain.pipeline import describe_stages
+    from meshtrain.stages import describe_stages
 
     par, shape = job.config.parallel, job.shape
     world, stages = job.config.world_size, job.num_stages

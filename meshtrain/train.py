@@ -27,9 +27,9 @@ from meshtrain.mesh import Mesh, init_mesh
 from meshtrain.metrics import MetricsLog, peak_flops, peak_memory_gib
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_lr_schedule, build_optimizer
-from meshtrain.pipeline import describe_stages
 from meshtrain.precision import resolve_precision
 from meshtrain.prefetch import Prefetcher
+from meshtrain.stages import describe_stages
 from meshtrain.step import Stepper
 
 log = logging.getLogger("meshtrain")
