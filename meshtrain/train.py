@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from meshtrain import checkpoint, liveness, preflight
+from meshtrain import checkpoint, liveness, preflight, resume
 from meshtrain.comms import CommCounter, axis_names, by_pp_rank
 from meshtrain.contracts import DataContext
 from meshtrain.experts import step_stats
@@ -113,7 +113,7 @@ def build_trainer(job: Job) -> Trainer:
             mesh.device,
             "; ".join(describe_stages(job.shape.num_layers, job.num_stages)),
         )
-    resume_from = checkpoint.find_resume(cfg)
+    resume_from = resume.find_resume(cfg)
     weights = "none" if resume_from else "pretrained" if cfg.model.pretrained else "init"
     model = build_parallel_model(job, mesh, weights=weights)
     optimizer = build_optimizer(model.params, cfg.train)
@@ -274,7 +274,7 @@ def save_checkpoint(t: Trainer) -> Path:
     }
     rank_state = {"rng": torch.get_rng_state(), "data": t.data.state_dict()}
     return checkpoint.save(
-        checkpoint.checkpoints_dir(cfg), t.step, _states(t), rank_state, meta, cfg.checkpoint.keep
+        resume.checkpoints_dir(cfg), t.step, _states(t), rank_state, meta, cfg.checkpoint.keep
     )
 
 
