@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from meshtrain.config import Config, parse_section
 from meshtrain.contracts import DataSource, ModelFamily, ModelShape, PipelineSchedule
 from meshtrain.errors import ConfigError, UserError, suggest
@@ -59,7 +57,7 @@ class Job:
     def device_type(self) -> str:
         device = self.config.run.device
         if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return "cuda" if cuda_available() else "cpu"
         return device
 
 
@@ -126,7 +124,7 @@ def resolve_job(
         problems += check_degrees(config, shape, schedule)
     if config.model.pretrained and not config.model.name:
         problems.append(f"{where}: model.pretrained: true needs model.name (hub id or folder)")
-    if config.run.device == "cuda" and not torch.cuda.is_available() and not planning:
+    if config.run.device == "cuda" and not planning and not cuda_available():
         problems.append(f"{where}: run.device: 'cuda' but no CUDA device is visible; use 'cpu'")
     if preflight and source is not None and data_options is not None:
         from meshtrain.preflight import data_problems
@@ -153,6 +151,14 @@ def resolve_job(
         if problems:
             raise ConfigError(problems)
     return job
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device; torch loads only here, where the answer is needed
+    (`meshtrain check` of a CPU config never imports it)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def pick_family(config: Config, plugins: Plugins) -> tuple[str | None, str]:
