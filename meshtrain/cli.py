@@ -120,7 +120,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from meshtrain.job import resolve_job
     from meshtrain.layout import build_layout
 
-    job = resolve_job(load_config(args.config, args.overrides), preflight=True)
+    # declared: the family's own description of its model, so that neither torch nor the
+    # model's code need load (seconds of imports for a printout).
+    job = resolve_job(load_config(args.config, args.overrides), preflight=True, declared=True)
     print(format_config(job))
     print(format_layout(job, build_layout(job)))
     for warning in job.warnings:
