@@ -1,21 +1,27 @@
-"""`meshtrain check` without torch: the parameters the built-in families declare
-(stage_parameters) are those of the meta model and its StagePlans.
+"""`meshtrain check` without torch: what the built-in families declare (declared_config,
+stage_parameters) equals what transformers and the meta model say.
 
     python -m pytest -q tests/test_declared.py
 
 For every family and a handful of layouts, the per-rank parameters and memory estimates from the
 declared parameters equal those from the model built on the meta device (the fallback, and what
-`check` printed before).
+`check` printed before); the declared config equals transformers' config where declared_config
+answers, and it answers None (parse_config's turn) where it cannot be sure. `check` itself
+imports neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from meshtrain_models import model_families
+from meshtrain_models.schema import load_schema
 
 from meshtrain.cli import toml_value
 from meshtrain.config import load_config
@@ -70,6 +76,11 @@ LAYOUTS = {
     "dp2 tp2 sp": ["parallel.dp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2 V": ["parallel.pp=2", 'pipeline.schedule="zbv"'],  # rank 0: first and last stage
 }
+SCHEMA_MATCHES = pytest.mark.skipif(
+    load_schema() is None,
+    reason="schema.json describes another transformers (test_schema_is_the_installed_transformers)",
+)
+ARGS = {"name": None, "trust_remote_code": False, "where": "t.toml: model"}
 MOE = ("qwen3_moe", "mixtral")
 MOE_LAYOUTS = {
     "dp2 ep2": ["parallel.dp=2", "parallel.ep=2"],
@@ -109,6 +120,8 @@ def test_declared_parameters_are_the_meta_models(tmp_path, family):
     path = write_config(tmp_path, family)
     declared_job = resolve_job(load_config(path), declared=True)
     parsed_job = resolve_job(load_config(path))
+    if load_schema() is not None:  # else parse_config answers: the counts must agree all the same
+        assert type(declared_job.model_config).__name__ == "DeclaredConfig", family
     assert declared_job.shape == parsed_job.shape, family
     for name, overrides in {**LAYOUTS, **(MOE_LAYOUTS if family in MOE else {})}.items():
         declared, parsed = (with_layout(job, path, overrides) for job in (declared_job, parsed_job))
@@ -163,6 +176,90 @@ def test_declared_parameters_name_each_stage_parameter(tmp_path, family):
             assert got == want, (family, layers, tp, sp)
 
 
+@SCHEMA_MATCHES
+@pytest.mark.parametrize("family", FAMILIES)
+def test_declared_config_is_transformers_config(family):
+    """Every attribute of the declared config is what transformers' config class makes of the
+    same table (aliases too)."""
+    family_impl = model_families()[family]
+    options = {k: v for k, v in {**SHARED, **FAMILIES[family]}.items() if v is not None}
+    declared, problems = family_impl.declared_config(options, **ARGS)
+    parsed, _ = family_impl.parse_config(options, **ARGS)
+    assert problems == [] and type(declared).__name__ == "DeclaredConfig", family
+    assert declared.values() == {k: getattr(parsed, k) for k in declared.values()}
+    assert declared.num_local_experts == parsed.num_local_experts if family in MOE else True
+
+
+@SCHEMA_MATCHES
+def test_every_shipped_config_is_declared():
+    """`meshtrain check` of each configs/*.toml needs no transformers (the fast path covers
+    them), and its declared config is transformers'."""
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        config = load_config(path)
+        family = model_families()[config.model.family]
+        options = dict(config.model.options)
+        answer = family.declared_config(options, **ARGS)
+        assert answer is not None and answer[1] == [], path.name
+        parsed, _ = family.parse_config(options, **ARGS)
+        assert answer[0].values() == {k: getattr(parsed, k) for k in answer[0].values()}
+
+
+@SCHEMA_MATCHES
+@pytest.mark.parametrize(
+    ("family", "options"),
+    [
+        ("llama", {"rms_norm_eps": 1}),  # transformers' @strict takes no int for a float
+        ("llama", {"hidden_act": "relu"}),  # only the model would find an unknown activation
+        ("llama", {"initializer_range": 0.5}),  # a validator of transformers' own
+        ("llama", {"head_dim": 7}),  # an odd rotary dimension
+        ("llama", {"hidden_size": 66, "head_dim": 16}),  # LlamaConfig wants heads to divide it
+        ("llama", {"pad_token_id": 512}),  # outside the vocabulary: the embedding refuses it
+        ("phi3", {}),  # its default pad_token_id 32000 is outside the 512-token vocabulary
+        ("qwen2", {"layer_types": ["full_attention"] * 4}),  # not a plain key
+        ("qwen3_moe", {"num_experts": 4, "mlp_only_layers": [1]}),
+        ("llama", {"num_attention_heads": 0}),
+    ],
+)
+def test_declared_config_leaves_what_it_cannot_vouch_for_to_transformers(family, options):
+    assert model_families()[family].declared_config({**SHARED, **options}, **ARGS) is None
+
+
+@SCHEMA_MATCHES
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"hidden_sise": 64},  # unknown key, with the nearest one
+        {"hidden_size": 64.0, "tie_word_embeddings": 1},  # wrong types
+        {"hidden_size": 66},  # not divisible by the heads
+        {"num_experts": 2, "num_experts_per_tok": 4},  # meshtrain's own MoE check
+    ],
+)
+def test_declared_config_reports_parse_configs_problems(options):
+    family = model_families()["mixtral" if "num_experts" in options else "llama"]
+    declared = family.declared_config({**SHARED, **options}, **ARGS)
+    assert declared == family.parse_config({**SHARED, **options}, **ARGS)
+    assert declared[0] is None and declared[1]
+
+
+def test_declared_config_waits_for_a_model_name():
+    """A config.json (a folder or the hub) goes to transformers."""
+    family = model_families()["llama"]
+    assert family.declared_config(SHARED, **{**ARGS, "name": "some/model"}) is None
+
+
+def test_schema_is_the_installed_transformers():
+    """schema.json describes the transformers this runs with (else: python -m
+    meshtrain_models.schema, and review the diff)."""
+    import transformers
+    from meshtrain_models.schema import SCHEMA, build_schema
+
+    described = json.loads(SCHEMA.read_text())
+    assert described == json.loads(json.dumps(build_schema())), (
+        f"{SCHEMA.name} describes transformers {described['transformers']}, this is "
+        f"{transformers.__version__}: run python -m meshtrain_models.schema and review the diff"
+    )
+
+
 def test_a_family_without_declared_parameters_is_counted_on_the_meta_model(tmp_path):
     """The fallback: a third-party family that declares neither stage_parameters nor
     declared_config is parsed by parse_config and counted from its meta model."""
@@ -182,3 +279,19 @@ def test_a_family_without_declared_parameters_is_counted_on_the_meta_model(tmp_p
     assert count_parameters(job) == sum(
         p.numel() for p in job.family.build(job.model_config).parameters()
     )
+
+
+@SCHEMA_MATCHES
+def test_check_imports_neither_torch_nor_transformers():
+    """`meshtrain check` of the reference config reads no model code: transformers' modeling
+    modules, torch.distributed.tensor, torch itself (seconds of imports) stay unloaded."""
+    code = (
+        "import sys\n"
+        "from meshtrain.cli import main\n"
+        f"assert main(['check', {str(ROOT / 'configs' / 'smollm_cpu.toml')!r}]) == 0\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout.splitlines()[-1][:2000]

@@ -11,9 +11,11 @@ Found by the core through the entry point `meshtrain_models = "meshtrain_models"
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from meshtrain.api import ModelShape, ParamSpec, hookimpl
+from meshtrain_models.declared import declare_config
 from meshtrain_models.parameters import decoder_parameters, neox_parameters, tied_parameters
 from meshtrain_models.shapes import decoder_shape, moe_shape, neox_shape
 
@@ -66,15 +68,28 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 
 class LazyFamily:
-    """A catalog entry that costs nothing to list (`meshtrain plugins`): `shape`,
-    `stage_parameters` and `tied_parameters` are its own, without torch (shapes.py,
-    parameters.py); the rest loads torch, transformers and the `DecoderFamily` on first use."""
+    """A catalog entry that costs nothing to list (`meshtrain plugins`) and answers `meshtrain
+    check` without torch or transformers: `declared_config`, `shape`, `stage_parameters` and
+    `tied_parameters` are its own (declared.py, shapes.py, parameters.py); the rest loads torch,
+    transformers and the `DecoderFamily` on first use."""
 
     def __init__(
         self, prefix: str, model_types: tuple[str, ...], layout: str = "llama", **spec: Any
     ):
         self.model_types = model_types
         self._prefix, self._layout, self._spec, self._family = prefix, layout, spec, None
+
+    def declared_config(
+        self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
+    ) -> tuple[Any, list[str]] | None:
+        return declare_config(
+            f"{self._prefix}Config",
+            self._layout,
+            options,
+            name=name,
+            where=where,
+            extra_keys=self._spec.get("extra_keys", ()),
+        )
 
     def shape(self, model_config: Any) -> ModelShape:
         shape = {"llama": decoder_shape, "neox": neox_shape, "moe": moe_shape}[self._layout]

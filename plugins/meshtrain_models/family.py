@@ -4,7 +4,8 @@ Qwen2, Gemma, Phi-3); GPT-NeoX (neox.py) builds on it.
 One `DecoderFamily` per architecture, configured by a `Spec`: the transformers config and model
 classes, the `model_type`s it accepts and what its blocks hold beyond LLaMA's. It is the part of a
 family that needs torch and transformers; the catalog entry (`LazyFamily`, __init__.py) answers
-`shape`, `tied_parameters` and `stage_parameters` without them (shapes.py, parameters.py).
+`shape`, `tied_parameters` and what `meshtrain check` asks without them (shapes.py,
+parameters.py, declared.py).
 """
 
 from __future__ import annotations

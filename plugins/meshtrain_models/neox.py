@@ -25,6 +25,7 @@ from torch.distributed.tensor.parallel import (
 
 from meshtrain.api import StagePlan, VocabParallelEmbedding
 from meshtrain_models.family import DecoderFamily, reset_rotary
+from meshtrain_models.options import rename_neox_keys
 
 
 class NeoxStage(nn.Module):
@@ -98,10 +99,8 @@ class NeoxFamily(DecoderFamily):
     def parse_config(
         self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
     ) -> tuple[Any, list[str]]:
-        # transformers' GPTNeoXConfig ignores rope_theta and reads Pythia's rotary_emb_base.
-        options = {("rotary_emb_base" if k == "rope_theta" else k): v for k, v in options.items()}
         return super().parse_config(
-            options, name=name, trust_remote_code=trust_remote_code, where=where
+            rename_neox_keys(options), name=name, trust_remote_code=trust_remote_code, where=where
         )
 
     def split(

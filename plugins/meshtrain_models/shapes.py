@@ -1,8 +1,8 @@
 """What a family's config says about its model, without torch: the ModelShape of each layout
 and the checks of a mixture-of-experts config.
 
-They read a config's attributes only (no torch), so that `meshtrain check` and the workers share
-them.
+`meshtrain check` reads them from the family's declared config (declared.py), the workers from
+transformers' config: both have the same attributes.
 """
 
 from __future__ import annotations
