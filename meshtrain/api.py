@@ -1,6 +1,6 @@
 """The public plugin API: everything a plugin may import from meshtrain, and nothing else.
 
-    from meshtrain.api import hookimpl, StagePlan, ModelShape, UserError, parse_section
+    from meshtrain.api import hookimpl, StagePlan, ModelShape, ParamSpec, UserError, parse_section
 
 Built-in plugins import only this module (a test checks), so a third-party plugin written against
 it keeps working while the core changes underneath. Names that need torch (the parallel styles)
@@ -21,6 +21,7 @@ from meshtrain.contracts import (
     DataStream,
     ModelFamily,
     ModelShape,
+    ParamSpec,
     PipelineSchedule,
     StackedKeys,
     StagePlan,
@@ -46,6 +47,7 @@ __all__ = [
     "DataStream",
     "ModelFamily",
     "ModelShape",
+    "ParamSpec",
     "PipelineSchedule",
     "StackedKeys",
     "StagePlan",

@@ -120,7 +120,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     from meshtrain.job import resolve_job
     from meshtrain.layout import build_layout
 
-    job = resolve_job(load_config(args.config, args.overrides), preflight=True)
+    # declared: the family's own description of its model, so that neither torch nor the
+    # model's code need load (seconds of imports for a printout).
+    job = resolve_job(load_config(args.config, args.overrides), preflight=True, declared=True)
     print(format_config(job))
     print(format_layout(job, build_layout(job)))
     for warning in job.warnings:
@@ -214,7 +216,7 @@ def toml_value(value: Any) -> str:
 def format_layout(job: Job, rows: list[RankLayout]) -> str:
     """The mesh, the stage/layer table and one line per rank."""
     from meshtrain.layout import count_parameters
-    from meshtrain.pipeline import describe_stages
+    from meshtrain.stages import describe_stages
 
     par, shape = job.config.parallel, job.shape
     world, stages = job.config.world_size, job.num_stages

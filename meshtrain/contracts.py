@@ -92,6 +92,27 @@ class StagePlan:
     all-to-all, the aux loss and the expert load metrics (meshtrain.experts)."""
 
 
+@dataclass(frozen=True, kw_only=True)
+class ParamSpec:
+    """One parameter of a pipeline stage as `split` cuts it and `plan` splits it, declared from
+    the model config alone (`ModelFamily.stage_parameters`), so that `meshtrain check` counts
+    each rank's parameters without torch or the model's code."""
+
+    name: str
+    """Its name in the stage. A tied copy (`tied_parameters`) is listed under its own name too:
+    the core counts a tied pair once on a rank that holds both."""
+    shape: tuple[int, ...]
+    """The whole parameter's shape, before any split."""
+    tp_dim: int | None = None
+    """The dim the stage's tp plan splits over parallel.tp (for the tp it was declared for), or
+    None where every tp rank holds the whole parameter."""
+    expert: bool = False
+    """An expert weight of a `StagePlan.experts` block: split over parallel.ep along dim 0 (not
+    over tp), and sharded by FSDP2 over the dp ranks holding the same experts."""
+    fsdp_unit: str = ""
+    """The `StagePlan.fsdp_units` module holding it; "" for the stage's root unit."""
+
+
 @runtime_checkable
 class ModelFamily(Protocol):
     """A family of decoder-only LMs. Parameter names of the stages are those of `build`'s model;
@@ -140,6 +161,24 @@ class ModelFamily(Protocol):
 
     def export(self, model: Any, folder: Path, max_shard_size: str) -> None:
         """Write the whole model (`build`'s, with trained weights) as a Hugging Face folder."""
+
+    # Optional, so that `meshtrain check` imports neither torch nor the model's code. Without
+    # `stage_parameters` check builds the model on the meta device and reads its StagePlans
+    # (exact too, but seconds of imports); without `declared_config` it calls parse_config.
+    #
+    #   def stage_parameters(self, model_config, layers: range, *, first: bool, last: bool,
+    #                        tp: int, sequence_parallel: bool) -> list[ParamSpec]:
+    #       """The parameters of the stage `split` would cut (same arguments), each as
+    #       `plan(stage, sequence_parallel=...)` splits it at parallel.tp = `tp`. Takes
+    #       parse_config's config and declared_config's alike."""
+    #
+    #   def declared_config(self, options, *, name: str | None, trust_remote_code: bool,
+    #                       where: str) -> tuple[Any, list[str]] | None:
+    #       """What parse_config returns (the same problem lines), found without importing the
+    #       model's code, or None where the family cannot be sure parse_config would agree (the
+    #       core then calls parse_config). Its config may be a plain object: the core passes it
+    #       only to `shape`, `stage_parameters` and `tied_parameters`, never to `build`. The core
+    #       asks for it only where `stage_parameters` is declared as well."""
 
 
 @runtime_checkable

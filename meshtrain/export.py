@@ -21,9 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshtrain.checkpoint import META, is_complete, load_tensors, read_meta
+from meshtrain.checkpoint import load_tensors
 from meshtrain.config import config_from_raw
 from meshtrain.errors import UserError
+from meshtrain.resume import META, is_complete, read_meta
 
 log = logging.getLogger("meshtrain")
 

@@ -35,7 +35,8 @@ from meshtrain.mem_tracking import StagingCounter, StepMemTracker, categories, t
 from meshtrain.mesh import Mesh, init_mesh
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_optimizer
-from meshtrain.pipeline import before_backward, stage_ranks
+from meshtrain.pipeline import before_backward
+from meshtrain.stages import stage_ranks
 from meshtrain.step import Stepper, TokenLoss
 from meshtrain.tensor_parallel import loss_context
 

@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from meshtrain.config import Config, parse_section
 from meshtrain.contracts import DataSource, ModelFamily, ModelShape, PipelineSchedule
 from meshtrain.errors import ConfigError, UserError, suggest
@@ -32,6 +30,7 @@ class Job:
     """The family `model.family` names, or the one "auto" found for model.name's model_type."""
     family: ModelFamily
     model_config: Any
+    """parse_config's config, or, resolved with `declared`, possibly declared_config's."""
     shape: ModelShape
     schedule: PipelineSchedule
     source: DataSource
@@ -59,7 +58,7 @@ class Job:
     def device_type(self) -> str:
         device = self.config.run.device
         if device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
+            return "cuda" if cuda_available() else "cpu"
         return device
 
 
@@ -69,13 +68,15 @@ def resolve_job(
     *,
     preflight: bool = False,
     planning: bool = False,
+    declared: bool = False,
 ) -> Job:
     """Load plugins and check everything that can be checked before starting processes.
 
     `preflight` (the CLI's check and run, not the workers): also read files -- the data
     source's `check` (files, tokenizer, columns), the run dir, the checkpoint to resume and
     model.name's weights (meshtrain.preflight). `planning` (meshtrain plan): the run's device
-    need not be on this machine."""
+    need not be on this machine. `declared` (meshtrain check): the model config as the family
+    declares it, where it can (see `resolve_model_config`)."""
     where = str(config.path)
     problems: list[str] = []
     known = entry_point_names()
@@ -103,12 +104,7 @@ def resolve_job(
     source = pick("data_sources", config.data.source, "data.source")
     model_config = shape = data_options = None
     if family is not None:
-        model_config, found = family.parse_config(
-            config.model.options,
-            name=config.model.name or None,
-            trust_remote_code=config.model.trust_remote_code,
-            where=f"{where}: model",
-        )
+        model_config, found = resolve_model_config(family, config, declared=declared)
         problems += found
         if not found:
             shape = family.shape(model_config)
@@ -126,7 +122,7 @@ def resolve_job(
         problems += check_degrees(config, shape, schedule)
     if config.model.pretrained and not config.model.name:
         problems.append(f"{where}: model.pretrained: true needs model.name (hub id or folder)")
-    if config.run.device == "cuda" and not torch.cuda.is_available() and not planning:
+    if config.run.device == "cuda" and not planning and not cuda_available():
         problems.append(f"{where}: run.device: 'cuda' but no CUDA device is visible; use 'cpu'")
     if preflight and source is not None and data_options is not None:
         from meshtrain.preflight import data_problems
@@ -153,6 +149,35 @@ def resolve_job(
         if problems:
             raise ConfigError(problems)
     return job
+
+
+def resolve_model_config(
+    family: ModelFamily, config: Config, *, declared: bool
+) -> tuple[Any, list[str]]:
+    """The family's model config from `[model]`, and problem lines.
+
+    With `declared`, a family that declares `stage_parameters` may answer from `declared_config`
+    (no model code imported; the job is then only read, by `meshtrain check`); where it cannot be
+    sure that agrees with parse_config (None), parse_config answers."""
+    kwargs = {
+        "name": config.model.name or None,
+        "trust_remote_code": config.model.trust_remote_code,
+        "where": f"{config.path}: model",
+    }
+    quick = getattr(family, "declared_config", None)
+    if declared and callable(quick) and callable(getattr(family, "stage_parameters", None)):
+        answer = quick(config.model.options, **kwargs)
+        if answer is not None:
+            return answer
+    return family.parse_config(config.model.options, **kwargs)
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA device; torch loads only here, where the answer is needed
+    (`meshtrain check` of a CPU config never imports it)."""
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def pick_family(config: Config, plugins: Plugins) -> tuple[str | None, str]:

@@ -61,7 +61,7 @@ def launch(job: Job) -> int:
 
 def prepare(job: Job) -> None:
     """Once, before any worker starts: check the checkpoint to resume, tokenize the data."""
-    from meshtrain.checkpoint import check_resume
+    from meshtrain.resume import check_resume
     from meshtrain.train import data_context
 
     check_resume(job)

@@ -2,23 +2,24 @@
 
     rows = build_layout(job)          # one RankLayout per rank, for `meshtrain check`
 
-Nothing here starts a process or allocates real memory: the model is built on the meta device,
-cut with the same `pipeline.split_model` the workers use and read through the same StagePlans the
-core applies, so parameter counts are exact. Memory is an estimate (see `estimate_memory`).
+Nothing here starts a process, allocates memory or imports torch. Parameter counts are exact:
+they come from the family's `stage_parameters` (each stage's parameters and their tp split,
+declared from the model config), or, for a family that does not declare them, from its model
+built on the meta device, cut by the same `split` and read through the same StagePlans the
+workers use (meshtrain/meta_layout.py). Memory is an estimate (see `estimate_memory`).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
-import torch
-from torch import nn
-
-from meshtrain.contracts import StagePlan
-from meshtrain.experts import expert_weight_ids
+from meshtrain.contracts import ParamSpec
 from meshtrain.job import Job
-from meshtrain.pipeline import partition_layers, split_model
-from meshtrain.tensor_parallel import shard_dims
+from meshtrain.stages import partition_layers
 
 BYTES_FP32 = 4
 STATE_BYTES_PER_PARAM = 4 * BYTES_FP32
@@ -64,17 +65,31 @@ class RankLayout:
     memory: MemoryEstimate
 
 
+class Held(NamedTuple):
+    """One distinct parameter a pp rank stores (a tied pair on one rank is one parameter)."""
+
+    elements: int
+    """On one rank, after the tp split (the ep split, for an expert weight)."""
+    expert: bool
+    fsdp_unit: str
+    """The FSDP2 unit holding it; "" for a stage's root unit."""
+
+
+HeldByRank = Callable[[Job], list[list[Held]]]
+"""What each pp rank holds (index: pp rank), before dp sharding."""
+
+
 def rank_of(dp_i: int, pp_i: int, tp_i: int, pp: int, tp: int) -> int:
     """Global rank of mesh coordinates (dp, pp, tp); tp is innermost."""
     return (dp_i * pp + pp_i) * tp + tp_i
 
 
-def build_layout(job: Job) -> list[RankLayout]:
-    """Every rank of the job, in rank order."""
+def build_layout(job: Job, held_by_rank: HeldByRank | None = None) -> list[RankLayout]:
+    """Every rank of the job, in rank order. `held_by_rank` defaults to the family's declared
+    parameters where it has them (`declared_held`), else the meta-device model's."""
     par = job.config.parallel
-    with torch.device("meta"):
-        model = job.family.build(job.model_config)
-    per_pp = [_pp_rank_summary(job, model, pp_i) for pp_i in range(par.pp)]
+    held = (held_by_rank or _held_source(job))(job)
+    per_pp = [_pp_rank_summary(job, pp_i, held[pp_i]) for pp_i in range(par.pp)]
     rows = []
     for dp_i in range(par.dp):
         for pp_i in range(par.pp):
@@ -97,73 +112,110 @@ def build_layout(job: Job) -> list[RankLayout]:
 
 def count_parameters(job: Job) -> int:
     """Parameters of the full model (tied parameters counted once)."""
-    with torch.device("meta"):
-        model = job.family.build(job.model_config)
-    return sum(p.numel() for p in model.parameters())
+    if not _declares_parameters(job):
+        from meshtrain.meta_layout import count_meta_parameters
+
+        return count_meta_parameters(job)
+    whole = job.family.stage_parameters(
+        job.model_config,
+        range(job.shape.num_layers),
+        first=True,
+        last=True,
+        tp=1,
+        sequence_parallel=False,
+    )
+    return sum(math.prod(spec.shape) for spec in _distinct(job, whole))
 
 
-def _pp_rank_summary(job: Job, model: nn.Module, pp_i: int) -> tuple:
+def declared_held(job: Job) -> list[list[Held]]:
+    """What each pp rank holds, from the family's `stage_parameters`: no torch, no model."""
+    par, family = job.config.parallel, job.family
+    ranges, last = partition_layers(job.shape.num_layers, job.num_stages), job.num_stages - 1
+    held = []
+    for pp_i in range(par.pp):
+        specs = [
+            spec
+            for i in job.schedule.placement(pp_i, par.pp)
+            for spec in family.stage_parameters(
+                job.model_config,
+                ranges[i],
+                first=i == 0,
+                last=i == last,
+                tp=par.tp,
+                sequence_parallel=job.seq_shards > 1,
+            )
+        ]
+        held.append([_held(spec, par.tp, par.ep) for spec in _distinct(job, specs)])
+    return held
+
+
+def meta_held(job: Job) -> list[list[Held]]:
+    """What each pp rank holds, from the family's model built on the meta device: the fallback
+    for a family without `stage_parameters` (torch and the model's code load)."""
+    from meshtrain.meta_layout import held_by_rank
+
+    return [[Held._make(h) for h in rank] for rank in held_by_rank(job)]
+
+
+def _declares_parameters(job: Job) -> bool:
+    return callable(getattr(job.family, "stage_parameters", None))
+
+
+def _held_source(job: Job) -> HeldByRank:
+    return declared_held if _declares_parameters(job) else meta_held
+
+
+def _distinct(job: Job, specs: list[ParamSpec]) -> list[ParamSpec]:
+    """`specs` without the tied copies whose source is among them: one value, stored once."""
+    source = {copy: first for first, copy in job.family.tied_parameters(job.model_config)}
+    seen: set[str] = set()
+    kept = []
+    for spec in specs:
+        key = source.get(spec.name, spec.name)
+        if key not in seen:
+            seen.add(key)
+            kept.append(spec)
+    return kept
+
+
+def _held(spec: ParamSpec, tp: int, ep: int) -> Held:
+    split = ep if spec.expert else tp if spec.tp_dim is not None else 1
+    return Held(-(-math.prod(spec.shape) // split), spec.expert, spec.fsdp_unit)
+
+
+def _pp_rank_summary(job: Job, pp_i: int, held: list[Held]) -> tuple:
     """(stage ids, layer ranges, params, memory), the same for all tp and dp peers of `pp_i`."""
     par = job.config.parallel
     ids = job.schedule.placement(pp_i, par.pp)
-    stages = split_model(
-        job.family, model, job.shape.num_layers, ids, job.num_stages, job.seq_shards
-    )
-    plans = [job.family.plan(s, sequence_parallel=job.seq_shards > 1) for s in stages]
     ranges = partition_layers(job.shape.num_layers, job.num_stages)
-    sizes, experts = _sizes(stages, plans, par.tp, par.ep)
     # FSDP2 shards dense weights over dp, expert weights (already split over ep) over edp.
-    shards = {key: par.dp // par.ep if key in experts else par.dp for key in sizes}
-    params = sum(-(-n // (shards[key] if par.fsdp else 1)) for key, n in sizes.items())
+    params = sum(
+        -(-h.elements // ((par.dp // par.ep if h.expert else par.dp) if par.fsdp else 1))
+        for h in held
+    )
     memory = estimate_memory(
         job,
         params,
         sum(len(ranges[i]) for i in ids),
         pp_i,
         last=job.num_stages - 1 in ids,
-        working=_working_params(job, stages, plans, sizes),
+        working=_working_params(job, held),
     )
     return ids, [ranges[i] for i in ids], params, memory
 
 
-def _sizes(
-    stages: list[nn.Module], plans: list[StagePlan], tp: int, ep: int
-) -> tuple[dict[int, int], set[int]]:
-    """id(parameter) -> elements this rank holds of it after tp and ep, over the distinct
-    parameters; and the ids of the expert weights (split over ep)."""
-    split: dict[int, int] = {}
-    for stage, plan in zip(stages, plans, strict=True):
-        for path, style in plan.tp.items():
-            module = stage.get_submodule(path)
-            for name in shard_dims(module, style, tp):
-                split[id(module.get_parameter(name))] = tp
-    experts = expert_weight_ids(stages, plans)
-    split.update(dict.fromkeys(experts, ep))
-    sizes = {
-        id(p): -(-p.numel() // split.get(id(p), 1)) for stage in stages for p in stage.parameters()
-    }
-    return sizes, experts
-
-
-def _total(sizes: dict[int, int], dp: int) -> int:
-    return sum(-(-n // dp) for n in sizes.values())
-
-
-def _working_params(
-    job: Job, stages: list[nn.Module], plans: list[StagePlan], sizes: dict[int, int]
-) -> int:
+def _working_params(job: Job, held: list[Held]) -> int:
     """Parameters' worth of transient full copies (see MemoryEstimate.working)."""
     par = job.config.parallel
+    total = sum(h.elements for h in held)
     if not par.fsdp:
-        return _total(sizes, 1) if par.dp > 1 else 0
-    units = [
-        {id(p) for p in stage.get_submodule(path).parameters()}
-        for stage, plan in zip(stages, plans, strict=True)
-        for path in plan.fsdp_units
-    ]
-    unit_sizes = [sum(sizes[key] for key in unit) for unit in units]
-    root = _total(sizes, 1) - sum(unit_sizes)
-    return 2 * root + 3 * max(unit_sizes, default=0)
+        return total if par.dp > 1 else 0
+    units: Counter[str] = Counter()
+    for h in held:
+        if h.fsdp_unit:
+            units[h.fsdp_unit] += h.elements
+    root = total - sum(units.values())
+    return 2 * root + 3 * max(units.values(), default=0)
 
 
 def estimate_memory(

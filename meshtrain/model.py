@@ -21,7 +21,8 @@ from meshtrain.grads import GradState, Reduction, Tie, stepped
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, pp_pair_groups
 from meshtrain.parallelize import parallelize
-from meshtrain.pipeline import split_model, stage_ranks
+from meshtrain.pipeline import split_model
+from meshtrain.stages import stage_ranks
 from meshtrain.weights import init_weights, load_hf_weights, pretrained_folder
 
 

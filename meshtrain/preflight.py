@@ -58,7 +58,7 @@ def cache_dir() -> Path:
 
 def run_problems(job: Job) -> list[str]:
     """The run dir can be written; the checkpoint to resume fits; model.name's weights do."""
-    from meshtrain.checkpoint import check_resume
+    from meshtrain.resume import check_resume
 
     where, problems = job.config.path, []
     problem = writable_problem(job.config.run_dir)

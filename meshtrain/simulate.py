@@ -22,7 +22,7 @@ from meshtrain.comms import Traffic
 from meshtrain.errors import UserError, first_line
 from meshtrain.fake_step import RankSim, simulate_rank
 from meshtrain.job import Job, resolve_job
-from meshtrain.pipeline import partition_layers
+from meshtrain.stages import partition_layers
 
 FOLD_ABOVE = 4
 FOLD_AT = (2, 3)

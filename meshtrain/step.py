@@ -21,7 +21,8 @@ from meshtrain.contracts import IGNORE_INDEX, Batch
 from meshtrain.errors import UserError
 from meshtrain.mesh import Mesh
 from meshtrain.model import ParallelModel
-from meshtrain.pipeline import build_pipeline_stages, forward_sweep, stage_ranks
+from meshtrain.pipeline import build_pipeline_stages, forward_sweep
+from meshtrain.stages import stage_ranks
 from meshtrain.tensor_parallel import loss_context
 
 

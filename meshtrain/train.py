@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from meshtrain import checkpoint, liveness, preflight
+from meshtrain import checkpoint, liveness, preflight, resume
 from meshtrain.comm_time import CommTimer, seconds_by_pp_rank
 from meshtrain.comms import CommCounter, axis_names, by_pp_rank
 from meshtrain.contracts import DataContext
@@ -28,9 +28,9 @@ from meshtrain.mesh import Mesh, init_mesh
 from meshtrain.metrics import MetricsLog, peak_flops, peak_memory_gib
 from meshtrain.model import ParallelModel, build_parallel_model
 from meshtrain.optim import build_lr_schedule, build_optimizer
-from meshtrain.pipeline import describe_stages
 from meshtrain.precision import resolve_precision
 from meshtrain.prefetch import Prefetcher
+from meshtrain.stages import describe_stages
 from meshtrain.step import Stepper
 
 log = logging.getLogger("meshtrain")
@@ -114,7 +114,7 @@ def build_trainer(job: Job) -> Trainer:
             mesh.device,
             "; ".join(describe_stages(job.shape.num_layers, job.num_stages)),
         )
-    resume_from = checkpoint.find_resume(cfg)
+    resume_from = resume.find_resume(cfg)
     weights = "none" if resume_from else "pretrained" if cfg.model.pretrained else "init"
     model = build_parallel_model(job, mesh, weights=weights)
     optimizer = build_optimizer(model.stepped, cfg.train)
@@ -279,7 +279,7 @@ def save_checkpoint(t: Trainer) -> Path:
     }
     rank_state = {"rng": torch.get_rng_state(), "data": t.data.state_dict()}
     return checkpoint.save(
-        checkpoint.checkpoints_dir(cfg), t.step, _states(t), rank_state, meta, cfg.checkpoint.keep
+        resume.checkpoints_dir(cfg), t.step, _states(t), rank_state, meta, cfg.checkpoint.keep
     )
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meshtrain import checkpoint
+from meshtrain import checkpoint, resume
 from meshtrain.cli import main
 from meshtrain.config import load_config
 from meshtrain.contracts import IGNORE_INDEX
@@ -220,16 +220,16 @@ def test_export_of_sharded_checkpoint_computes_the_same_loss(runs, tmp_path):
 def test_resume_auto_skips_unfinished_saves(tmp_path):
     cfg = load_config(Path(CONFIG), [f'run.dir="{tmp_path}"'])
     root = tmp_path / "checkpoints"
-    assert checkpoint.find_resume(cfg) is None
+    assert resume.find_resume(cfg) is None
     for step in (1, 2):
         (root / f"step_{step:08d}").mkdir(parents=True)
         (root / f"step_{step:08d}" / "meta.json").write_text("{}")
     (root / ".step_00000004.partial").mkdir()
     (root / ".step_00000004.partial" / "meta.json").write_text("{}")  # renamed last: not done
     (root / "step_00000003").mkdir()  # no meta.json
-    assert checkpoint.find_resume(cfg) == root / "step_00000002"
+    assert resume.find_resume(cfg) == root / "step_00000002"
     never = load_config(Path(CONFIG), [f'run.dir="{tmp_path}"', 'checkpoint.resume="never"'])
-    assert checkpoint.find_resume(never) is None
+    assert resume.find_resume(never) is None
 
 
 def test_bad_resume_paths_and_other_models_exit_2(tmp_path, capsys):
@@ -258,7 +258,7 @@ def test_bad_resume_paths_and_other_models_exit_2(tmp_path, capsys):
     )
     job = resolve_job(load_config(Path(CONFIG), [f'checkpoint.resume="{other}"']))
     with pytest.raises(UserError, match=r"checkpoint.resume: .*hidden_size 32 vs 64"):
-        checkpoint.check_resume(job)
+        resume.check_resume(job)
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

@@ -41,7 +41,6 @@ from meshtrain_data.packing import (
     read_pointer,
     split_documents,
 )
-from meshtrain_data.stream import PackedStream, open_held_out
 from meshtrain_data.tokenizer import (
     BYTE_LEVEL_MIN_VOCAB,
     SPECIAL_TOKENS,
@@ -102,11 +101,15 @@ class OfflineSource:
         publish(ctx, tokenizer, found["train"], extra)
 
     def open(self, options: Any, ctx: DataContext) -> DataStream:
+        from meshtrain_data.stream import PackedStream  # torch: not imported for `check`
+
         opts = as_options(OfflineOptions, options)
         tokens = load_tokens(Path(read_pointer(ctx)["tokens"]))
         return PackedStream(tokens, ctx, shuffle=opts.shuffle)
 
     def open_eval(self, options: Any, ctx: DataContext) -> DataStream:
+        from meshtrain_data.stream import open_held_out
+
         return open_held_out(ctx, "data.eval_share: 0 sets no documents aside for [eval]")
 
 

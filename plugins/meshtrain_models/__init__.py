@@ -11,9 +11,13 @@ Found by the core through the entry point `meshtrain_models = "meshtrain_models"
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from meshtrain.api import hookimpl
+from meshtrain.api import ModelShape, ParamSpec, hookimpl
+from meshtrain_models.declared import declare_config
+from meshtrain_models.parameters import decoder_parameters, neox_parameters, tied_parameters
+from meshtrain_models.shapes import decoder_shape, moe_shape, neox_shape
 
 __version__ = "0.1.0"
 
@@ -21,15 +25,20 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "llama": {"prefix": "Llama", "model_types": ("llama",)},
     "qwen3": {"prefix": "Qwen3", "model_types": ("qwen3",), "qk_norms": "head"},
     # Post-norm blocks; q/k RMSNorms over the whole projection, split over tp.
-    "olmo2": {"prefix": "Olmo2", "model_types": ("olmo2",), "qk_norms": "projection"},
+    "olmo2": {
+        "prefix": "Olmo2",
+        "model_types": ("olmo2",),
+        "qk_norms": "projection",
+        "post_norms": True,
+    },
     # Sliding-window attention where the window is shorter than train.seq_len (stage.py).
     "mistral": {"prefix": "Mistral", "model_types": ("mistral",)},
     # q/k/v biases (split with their weights); optional sliding-window layers.
-    "qwen2": {"prefix": "Qwen2", "model_types": ("qwen2",)},
+    "qwen2": {"prefix": "Qwen2", "model_types": ("qwen2",), "qkv_bias": True},
     # Embedding scaled by sqrt(hidden_size), (1 + weight) norms, often one key/value head.
     "gemma": {"prefix": "Gemma", "model_types": ("gemma",), "norm_weight": 0.0},
     # Fused qkv_proj [Q | K | V] and gate_up_proj [gate | up]; a sliding window.
-    "phi3": {"prefix": "Phi3", "model_types": ("phi3",)},
+    "phi3": {"prefix": "Phi3", "model_types": ("phi3",), "fused": True},
     # Not LLaMA-shaped (neox.py): per-head fused qkv, LayerNorms with biases, parallel residual,
     # partial rotary; Pythia's config.json names rotary_pct / rotary_emb_base.
     "gpt_neox": {
@@ -59,14 +68,49 @@ FAMILIES: dict[str, dict[str, Any]] = {
 
 
 class LazyFamily:
-    """A catalog entry that costs nothing to list (`meshtrain plugins`, config checks that stop
-    before the model): torch, transformers and the `DecoderFamily` load on first use."""
+    """A catalog entry that costs nothing to list (`meshtrain plugins`) and answers `meshtrain
+    check` without torch or transformers: `declared_config`, `shape`, `stage_parameters` and
+    `tied_parameters` are its own (declared.py, shapes.py, parameters.py); the rest loads torch,
+    transformers and the `DecoderFamily` on first use."""
 
     def __init__(
         self, prefix: str, model_types: tuple[str, ...], layout: str = "llama", **spec: Any
     ):
         self.model_types = model_types
         self._prefix, self._layout, self._spec, self._family = prefix, layout, spec, None
+
+    def declared_config(
+        self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
+    ) -> tuple[Any, list[str]] | None:
+        return declare_config(
+            f"{self._prefix}Config",
+            self._layout,
+            options,
+            name=name,
+            where=where,
+            extra_keys=self._spec.get("extra_keys", ()),
+        )
+
+    def shape(self, model_config: Any) -> ModelShape:
+        shape = {"llama": decoder_shape, "neox": neox_shape, "moe": moe_shape}[self._layout]
+        return shape(model_config, self._spec.get("qk_norms", ""))
+
+    def stage_parameters(
+        self,
+        model_config: Any,
+        layers: range,
+        *,
+        first: bool,
+        last: bool,
+        tp: int,
+        sequence_parallel: bool,
+    ) -> list[ParamSpec]:
+        declare = neox_parameters if self._layout == "neox" else decoder_parameters
+        spec = {**self._spec, "layout": self._layout}
+        return declare(model_config, layers, first=first, last=last, tp=tp, spec=spec)
+
+    def tied_parameters(self, model_config: Any) -> list[tuple[str, str]]:
+        return tied_parameters(self._layout, model_config)
 
     def __getattr__(self, attr: str) -> Any:  # only for what the entry itself lacks
         if attr.startswith("_"):

@@ -2,7 +2,10 @@
 Qwen2, Gemma, Phi-3); GPT-NeoX (neox.py) builds on it.
 
 One `DecoderFamily` per architecture, configured by a `Spec`: the transformers config and model
-classes, the `model_type`s it accepts and what its blocks hold beyond LLaMA's.
+classes, the `model_type`s it accepts and what its blocks hold beyond LLaMA's. It is the part of a
+family that needs torch and transformers; the catalog entry (`LazyFamily`, __init__.py) answers
+`shape`, `tied_parameters` and what `meshtrain check` asks without them (shapes.py,
+parameters.py, declared.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from meshtrain.api import ModelShape, StagePlan
+from meshtrain.api import StagePlan
 from meshtrain_models.options import parse_model_config
 from meshtrain_models.plan import build_plan
 from meshtrain_models.stage import DecoderStage
@@ -36,10 +39,18 @@ class Spec:
     hf_experts: tuple[str, str, str, str] = ("mlp", "gate_proj", "up_proj", "down_proj")
     """Mixtures of experts (moe.py): the block's name in Hugging Face checkpoints and its
     experts' gate, up and down projections."""
+    qkv_bias: bool = False
+    """q/k/v projections always have biases, whatever config.attention_bias says (Qwen2)."""
+    post_norms: bool = False
+    """Norms after attention and MLP (post_attention_layernorm, post_feedforward_layernorm)
+    instead of before them (OLMo2)."""
+    fused: bool = False
+    """One Linear for [Q | K | V] and one for [gate | up] (Phi-3)."""
 
 
 class DecoderFamily:
-    """`ModelFamily` (see meshtrain.contracts) for one transformers decoder class."""
+    """`ModelFamily` (see meshtrain.contracts) for one transformers decoder class, less what
+    `LazyFamily` answers without torch."""
 
     def __init__(self, spec: Spec):
         self.spec = spec
@@ -56,38 +67,6 @@ class DecoderFamily:
             trust_remote_code=trust_remote_code,
             where=where,
             extra_keys=self.spec.extra_keys,
-        )
-
-    def shape(self, c: Any) -> ModelShape:
-        head_dim = head_dim_of(c)
-        kv_heads = {"model.num_key_value_heads": c.num_key_value_heads}
-        projection_norms = self.spec.qk_norms == "projection"
-        q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
-        block = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
-        # Kept for backward per token: the residual around both norms (4 x hidden); q, k, v,
-        # the attention output, gate, up, silu(gate), silu(gate) * up (+ normed q, k).
-        split = 2 * q + 2 * kv + 4 * c.intermediate_size + (q + kv) * bool(self.spec.qk_norms)
-        return ModelShape(
-            num_layers=c.num_hidden_layers,
-            hidden_size=c.hidden_size,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=head_dim,
-            vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings,
-            tied_embeddings=bool(c.tie_word_embeddings),
-            tp_divisible={
-                "model.num_attention_heads": c.num_attention_heads,
-                "model.vocab_size": c.vocab_size,
-                "model.intermediate_size": c.intermediate_size,
-                **(kv_heads if projection_norms else {}),
-            },
-            # Fewer key/value heads than tp ranks are replicated (KeyValueParallel), except
-            # under a norm over the whole k projection, which needs every rank's share.
-            tp_divisible_or_multiple={} if projection_norms else kv_heads,
-            activations_replicated=4 * c.hidden_size,
-            activations_split=split,
-            matmul_params=c.num_hidden_layers * block + c.hidden_size * c.vocab_size,
         )
 
     def build(self, model_config: Any) -> nn.Module:
@@ -127,11 +106,6 @@ class DecoderFamily:
 
         reset_rotary(stage.model.rotary_emb, stage.config)
 
-    def tied_parameters(self, model_config: Any) -> list[tuple[str, str]]:
-        if model_config.tie_word_embeddings:
-            return [("model.embed_tokens.weight", "lm_head.weight")]
-        return []
-
     def export(self, model: nn.Module, folder: Path, max_shard_size: str) -> None:
         model.save_pretrained(str(folder), max_shard_size=max_shard_size)
 
@@ -148,7 +122,3 @@ def reset_rotary(rotary: nn.Module, config: Any) -> None:
     inv_freq, rotary.attention_scaling = init(config)
     rotary.inv_freq = inv_freq.to(rotary.inv_freq.device)
     rotary.original_inv_freq = rotary.inv_freq.clone()
-
-
-def head_dim_of(c: Any) -> int:
-    return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

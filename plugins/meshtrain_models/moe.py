@@ -19,9 +19,10 @@ from typing import Any
 
 from torch import nn
 
-from meshtrain.api import ExpertParallel, ModelShape, StackedKeys, StagePlan
-from meshtrain_models.family import DecoderFamily, head_dim_of
+from meshtrain.api import ExpertParallel, StackedKeys, StagePlan
+from meshtrain_models.family import DecoderFamily
 from meshtrain_models.plan import build_plan
+from meshtrain_models.shapes import moe_layers, moe_problems
 
 
 class MoeFamily(DecoderFamily):
@@ -33,51 +34,10 @@ class MoeFamily(DecoderFamily):
         config, problems = super().parse_config(
             options, name=name, trust_remote_code=trust_remote_code, where=where
         )
-        if config is not None and getattr(config, "router_jitter_noise", 0.0):
-            return None, [
-                f"{where}.router_jitter_noise: {config.router_jitter_noise} is not supported: "
-                "random noise on the router inputs would route tokens differently per layout; "
-                "set it to 0"
-            ]
-        if config is not None and config.num_experts_per_tok > config.num_local_experts:
-            return None, [
-                f"{where}.num_experts_per_tok: {config.num_experts_per_tok} exceeds "
-                f"the {config.num_local_experts} experts (model.num_experts)"
-            ]
+        found = moe_problems(config, where) if config is not None else []
+        if found:
+            return None, found
         return config, problems
-
-    def shape(self, c: Any) -> ModelShape:
-        dense = super().shape(c)
-        moe = moe_layers(c)
-        experts, top_k, width = c.num_local_experts, c.num_experts_per_tok, c.hidden_size
-        expert_size = getattr(c, "moe_intermediate_size", c.intermediate_size)
-        dense_layers = c.num_hidden_layers - len(moe)
-        head_dim = head_dim_of(c)
-        attention = width * 2 * (c.num_attention_heads + c.num_key_value_heads) * head_dim
-        mlp = 3 * width * c.intermediate_size
-        active = 3 * width * expert_size * top_k + width * experts
-        # Kept for backward per token and layer: as a LLaMA block, with the MLP's share of
-        # the dense layers and top_k experts' (gate, up, silu(gate), product) in MoE ones.
-        per_layer_mlp = 4 * (c.intermediate_size * dense_layers + expert_size * top_k * len(moe))
-        split = dense.activations_split - 4 * c.intermediate_size
-        split += per_layer_mlp / c.num_hidden_layers + experts
-        divisible = dict(dense.tp_divisible)
-        if not dense_layers:
-            divisible.pop("model.intermediate_size", None)
-        return ModelShape(
-            **{
-                **dense.__dict__,
-                "tp_divisible": divisible,
-                "activations_split": split,
-                "matmul_params": c.num_hidden_layers * attention
-                + dense_layers * mlp
-                + len(moe) * active
-                + width * c.vocab_size,
-                "num_experts": experts,
-                "moe_layers": len(moe),
-                "ep_divisible": {"model.num_experts": experts},
-            }
-        )
 
     def plan(self, stage: nn.Module, *, sequence_parallel: bool) -> StagePlan:
         plan = build_plan(stage, sequence_parallel=sequence_parallel, qk_norms=self.spec.qk_norms)
@@ -118,16 +78,3 @@ class MoeFamily(DecoderFamily):
                 tuple((f"{where}.experts.{e}.{down}.weight",) for e in range(num_experts))
             ),
         }
-
-
-def moe_layers(c: Any) -> list[int]:
-    """Indices of the MoE layers: every layer (Mixtral), or as Qwen3-MoE's decoder picks them."""
-    if not hasattr(c, "decoder_sparse_step"):
-        return list(range(c.num_hidden_layers))
-    return [
-        i
-        for i in range(c.num_hidden_layers)
-        if i not in c.mlp_only_layers
-        and c.num_local_experts > 0
-        and (i + 1) % c.decoder_sparse_step == 0
-    ]

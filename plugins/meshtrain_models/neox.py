@@ -23,8 +23,9 @@ from torch.distributed.tensor.parallel import (
     SequenceParallel,
 )
 
-from meshtrain.api import ModelShape, StagePlan, VocabParallelEmbedding
+from meshtrain.api import StagePlan, VocabParallelEmbedding
 from meshtrain_models.family import DecoderFamily, reset_rotary
+from meshtrain_models.options import rename_neox_keys
 from meshtrain_models.plan import vocab_units
 
 
@@ -100,33 +101,8 @@ class NeoxFamily(DecoderFamily):
     def parse_config(
         self, options: Mapping[str, Any], *, name: str | None, trust_remote_code: bool, where: str
     ) -> tuple[Any, list[str]]:
-        # transformers' GPTNeoXConfig ignores rope_theta and reads Pythia's rotary_emb_base.
-        options = {("rotary_emb_base" if k == "rope_theta" else k): v for k, v in options.items()}
         return super().parse_config(
-            options, name=name, trust_remote_code=trust_remote_code, where=where
-        )
-
-    def shape(self, c: Any) -> ModelShape:
-        h, i = c.hidden_size, c.intermediate_size
-        return ModelShape(
-            num_layers=c.num_hidden_layers,
-            hidden_size=h,
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_attention_heads,
-            head_dim=h // c.num_attention_heads,
-            vocab_size=c.vocab_size,
-            max_positions=c.max_position_embeddings,
-            tied_embeddings=bool(c.tie_word_embeddings),
-            tp_divisible={
-                "model.num_attention_heads": c.num_attention_heads,
-                "model.vocab_size": c.vocab_size,
-                "model.intermediate_size": i,
-            },
-            # Kept for backward per token: the block input and both norm outputs, the residual
-            # sum (4 x hidden); q, k, v (after rotary), the attention output, the MLP's two.
-            activations_replicated=4 * h,
-            activations_split=3 * h + h + 2 * i,
-            matmul_params=c.num_hidden_layers * (4 * h * h + 2 * h * i) + h * c.vocab_size,
+            rename_neox_keys(options), name=name, trust_remote_code=trust_remote_code, where=where
         )
 
     def split(
@@ -139,8 +115,3 @@ class NeoxFamily(DecoderFamily):
 
     def init_buffers(self, stage: nn.Module) -> None:
         reset_rotary(stage.gpt_neox.rotary_emb, stage.config)
-
-    def tied_parameters(self, model_config: Any) -> list[tuple[str, str]]:
-        if model_config.tie_word_embeddings:
-            return [("gpt_neox.embed_in.weight", "lm_head.weight")]
-        return []

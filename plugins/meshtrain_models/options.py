@@ -37,20 +37,8 @@ def parse_model_config(
     `extra_keys`: keys the config class takes without keeping them (legacy names)."""
     defaults = config_class().to_dict()
     aliases = getattr(config_class, "attribute_map", {})  # e.g. num_experts -> num_local_experts
-    keys = sorted(set(defaults) - SKIPPED | {"rope_theta", *extra_keys, *aliases})
-    section = where.rsplit(": ", 1)[-1]
-    problems = [
-        f"{where}.{key}: unknown key" + suggest(key, keys).replace("mean ", f"mean {section}.")
-        for key in options
-        if key not in keys
-    ]
-    problems += [
-        line
-        for key, value in options.items()
-        if key in defaults
-        for line in [_type_problem(where, key, value, defaults[key])]
-        if line
-    ]
+    keys = known_keys(defaults, aliases, extra_keys)
+    problems = option_problems(options, defaults, keys, where)
     base: dict[str, Any] = {}
     if name:
         base, problem = _read_named_config(name, where, model_types, keys)
@@ -60,14 +48,9 @@ def parse_model_config(
     if "num_hidden_layers" in options:
         base.pop("layer_types", None)  # sized for the original depth; derived again
     merged = {**base, **options}
-    heads, hidden = merged.get("num_attention_heads"), merged.get("hidden_size")
-    # head_dim = hidden / heads unless given, or the class has a default of its own (Gemma's 256)
-    derived = "head_dim" not in merged and getattr(config_class, "head_dim", None) is None
-    if derived and heads and hidden and hidden % heads:
-        return None, [
-            f"{where}.hidden_size: {hidden} is not divisible by "
-            f"{section}.num_attention_heads ({heads})"
-        ]
+    problem = head_dim_problem(merged, getattr(config_class, "head_dim", None), where)
+    if problem:
+        return None, [problem]
     try:
         config = config_class(**merged)
     except Exception as err:  # transformers' validators raise their own classes, with a cause
@@ -77,6 +60,52 @@ def parse_model_config(
         return None, [f"{where}: {config_class.__name__} rejects these keys: {text}"]
     config._attn_implementation = "sdpa"  # causal without a mask; eager would not be
     return config, []
+
+
+def known_keys(
+    defaults: Mapping[str, Any], aliases: Mapping[str, str], extra_keys: tuple[str, ...]
+) -> list[str]:
+    """The `[model]` keys a config class takes: its fields (`defaults`, its `to_dict()`), their
+    aliases and `extra_keys`."""
+    return sorted(set(defaults) - SKIPPED | {"rope_theta", *extra_keys, *aliases})
+
+
+def option_problems(
+    options: Mapping[str, Any], defaults: Mapping[str, Any], keys: list[str], where: str
+) -> list[str]:
+    """Unknown keys (with the nearest known one) and values of the wrong type, a line each."""
+    section = where.rsplit(": ", 1)[-1]
+    problems = [
+        f"{where}.{key}: unknown key" + suggest(key, keys).replace("mean ", f"mean {section}.")
+        for key in options
+        if key not in keys
+    ]
+    return problems + [
+        line
+        for key, value in options.items()
+        if key in defaults
+        for line in [_type_problem(where, key, value, defaults[key])]
+        if line
+    ]
+
+
+def head_dim_problem(merged: Mapping[str, Any], class_head_dim: Any, where: str) -> str:
+    """head_dim = hidden / heads unless given, or the class has a default of its own (Gemma's
+    256): then hidden_size must be divisible by the heads."""
+    heads, hidden = merged.get("num_attention_heads"), merged.get("hidden_size")
+    derived = "head_dim" not in merged and class_head_dim is None
+    if derived and heads and hidden and hidden % heads:
+        section = where.rsplit(": ", 1)[-1]
+        return (
+            f"{where}.hidden_size: {hidden} is not divisible by "
+            f"{section}.num_attention_heads ({heads})"
+        )
+    return ""
+
+
+def rename_neox_keys(options: Mapping[str, Any]) -> dict[str, Any]:
+    """transformers' GPTNeoXConfig ignores rope_theta and reads Pythia's rotary_emb_base."""
+    return {("rotary_emb_base" if k == "rope_theta" else k): v for k, v in options.items()}
 
 
 def _type_problem(where: str, key: str, value: Any, default: Any) -> str:
