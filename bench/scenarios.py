@@ -85,13 +85,16 @@ class Scenario:
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
-        Scenario(
-            name="small-8",
-            config=REF,
-            overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
-            workers=8,
-            steps=20,
-            profile=True,
+        *(
+            Scenario(
+                name=f"small-8{'-prof' if profile else ''}",
+                config=REF,
+                overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
+                workers=8,
+                steps=10 if profile else 20,
+                profile=profile,
+            )
+            for profile in (False, True)
         ),
         Scenario(
             name="small-1",
@@ -100,7 +103,10 @@ SCENARIOS: dict[str, Scenario] = {
             workers=1,
             steps=20,
         ),
-        Scenario(name="ref-8", config=REF, workers=8, profile=True),
+        Scenario(name="ref-8", config=REF, workers=8),
+        # The same with its collectives counted and timed: the breakdown, apart from the run
+        # whose speed and memory count (the profiler's records cost both).
+        Scenario(name="ref-8-prof", config=REF, workers=8, steps=3, profile=True),
         # The reference config's memory settings, one at a time back to the default, and
         # activation checkpointing and compile on top of it.
         Scenario(name="ref-8-step", config=REF, overrides=GRAD_SYNC_STEP, workers=8, steps=3),
@@ -124,7 +130,6 @@ SCENARIOS: dict[str, Scenario] = {
             workers=4,
             overrides=["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=false"]
             + BATCH_DP1,
-            profile=True,
         ),
         Scenario(name="ref-1", config=REF, overrides=ONE_PROCESS + BATCH_DP1, workers=1),
         Scenario(

@@ -24,6 +24,7 @@ from meshtrain.stages import partition_layers
 BYTES_FP32 = 4
 STATE_BYTES_PER_PARAM = 4 * BYTES_FP32
 """fp32 parameter + gradient + AdamW's two moments."""
+ADAMW_BYTES_PER_PARAM = 2 * BYTES_FP32
 LOGITS_COPIES = 3
 """Logits, their log-softmax and its gradient are alive at once on the last stage."""
 WORKER_BASELINE_BYTES = int(0.45 * 2**30)
@@ -73,6 +74,8 @@ class Held(NamedTuple):
     expert: bool
     fsdp_unit: str
     """The FSDP2 unit holding it; "" for a stage's root unit."""
+    stepped: bool = True
+    """False for a tied copy whose source is on another rank: no AdamW state here."""
 
 
 HeldByRank = Callable[[Job], list[list[Held]]]
@@ -145,7 +148,10 @@ def declared_held(job: Job) -> list[list[Held]]:
                 sequence_parallel=job.seq_shards > 1,
             )
         ]
-        held.append([_held(spec, par.tp, par.ep) for spec in _distinct(job, specs)])
+        names = {spec.name for spec in specs}
+        tied = job.family.tied_parameters(job.model_config)
+        copies = {copy for source, copy in tied if source not in names}
+        held.append([_held(spec, par.tp, par.ep, copies) for spec in _distinct(job, specs)])
     return held
 
 
@@ -178,9 +184,10 @@ def _distinct(job: Job, specs: list[ParamSpec]) -> list[ParamSpec]:
     return kept
 
 
-def _held(spec: ParamSpec, tp: int, ep: int) -> Held:
+def _held(spec: ParamSpec, tp: int, ep: int, copies: set[str]) -> Held:
     split = ep if spec.expert else tp if spec.tp_dim is not None else 1
-    return Held(-(-math.prod(spec.shape) // split), spec.expert, spec.fsdp_unit)
+    elements = -(-math.prod(spec.shape) // split)
+    return Held(elements, spec.expert, spec.fsdp_unit, spec.name not in copies)
 
 
 def _pp_rank_summary(job: Job, pp_i: int, held: list[Held]) -> tuple:
@@ -189,10 +196,11 @@ def _pp_rank_summary(job: Job, pp_i: int, held: list[Held]) -> tuple:
     ids = job.schedule.placement(pp_i, par.pp)
     ranges = partition_layers(job.shape.num_layers, job.num_stages)
     # FSDP2 shards dense weights over dp, expert weights (already split over ep) over edp.
-    params = sum(
+    stored = [
         -(-h.elements // ((par.dp // par.ep if h.expert else par.dp) if par.fsdp else 1))
         for h in held
-    )
+    ]
+    params = sum(stored)
     memory = estimate_memory(
         job,
         params,
@@ -200,6 +208,7 @@ def _pp_rank_summary(job: Job, pp_i: int, held: list[Held]) -> tuple:
         pp_i,
         last=job.num_stages - 1 in ids,
         working=_working_params(job, held),
+        unstepped=sum(n for n, h in zip(stored, held, strict=True) if not h.stepped),
     )
     return ids, [ranges[i] for i in ids], params, memory
 
@@ -215,11 +224,20 @@ def _working_params(job: Job, held: list[Held]) -> int:
         if h.fsdp_unit:
             units[h.fsdp_unit] += h.elements
     root = total - sum(units.values())
+    if par.pp > 1 and par.grad_sync == "step":  # torch's pipelining: a stage's weights stay
+        return 2 * total  # gathered and its gradients whole from its first backward on
     return 2 * root + 3 * max(units.values(), default=0)
 
 
 def estimate_memory(
-    job: Job, params: int, num_layers: int, pp_i: int, *, last: bool, working: int = 0
+    job: Job,
+    params: int,
+    num_layers: int,
+    pp_i: int,
+    *,
+    last: bool,
+    working: int = 0,
+    unstepped: int = 0,
 ) -> MemoryEstimate:
     """Peak bytes on one rank of pp rank `pp_i` holding `num_layers` layers and `params`.
 
@@ -227,7 +245,8 @@ def estimate_memory(
     replicated part is split over tp only under sequence parallel, the rest always. The schedule
     says how many micro-batches a rank keeps in flight. Full activation checkpointing keeps only
     each layer's input plus one layer being recomputed; selective keeps the tp-split part (the
-    matmul outputs). Logits are (mbs, seq, vocab / tp), several copies alive on the last stage."""
+    matmul outputs). Logits are (mbs, seq, vocab / tp), several copies alive on the last stage.
+    `unstepped` of the params (tied copies stepped on another rank) have no AdamW moments."""
     cfg, shape = job.config, job.shape
     par, train = cfg.parallel, cfg.train
     replicated = shape.activations_replicated / (par.tp if par.sequence_parallel else 1)
@@ -245,7 +264,7 @@ def estimate_memory(
     activations = int(tokens * kept * BYTES_FP32 * in_flight)
     logits = tokens * shape.vocab_size // par.tp * BYTES_FP32 * LOGITS_COPIES if last else 0
     return MemoryEstimate(
-        state=params * STATE_BYTES_PER_PARAM,
+        state=params * STATE_BYTES_PER_PARAM - unstepped * ADAMW_BYTES_PER_PARAM,
         activations=activations,
         logits=logits,
         working=working * BYTES_FP32,

@@ -17,9 +17,9 @@ from meshtrain.job import Job
 from meshtrain.pipeline import split_model
 from meshtrain.tensor_parallel import shard_dims
 
-Held = tuple[int, bool, str]
-"""(elements, expert, fsdp_unit): the fields of meshtrain.layout.Held, which imports this
-module (not the other way round)."""
+Held = tuple[int, bool, str, bool]
+"""(elements, expert, fsdp_unit, stepped): the fields of meshtrain.layout.Held, which imports
+this module (not the other way round)."""
 
 
 def held_by_rank(job: Job) -> list[list[Held]]:
@@ -54,9 +54,21 @@ def _rank_held(job: Job, model: nn.Module, ids: list[int]) -> list[Held]:
         for path in plan.fsdp_units
         for p in stage.get_submodule(path).parameters()
     }
-    distinct = {id(p): p for stage in stages for p in stage.parameters()}
+    named = [(n, p) for stage in stages for n, p in stage.named_parameters()]
+    distinct = {id(p): p for _, p in named}
+    # a tied copy whose source is on another rank: stepped there (meshtrain.grads.share_tied)
+    here = {n for n, _ in named}
+    tied = job.family.tied_parameters(job.model_config)
+    unstepped = {
+        id(p) for n, p in named for source, copy in tied if n == copy and source not in here
+    }
     return [
-        (-(-p.numel() // split.get(key, 1)), key in experts, units.get(key, ""))
+        (
+            -(-p.numel() // split.get(key, 1)),
+            key in experts,
+            units.get(key, ""),
+            key not in unstepped,
+        )
         for key, p in distinct.items()
     ]
 
