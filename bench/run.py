@@ -149,18 +149,19 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
 
 
 def print_breakdown(summaries: dict[str, dict[str, Any]]) -> None:
-    """Seconds of a step per rank: compute, each collective kind, the rest."""
+    """Seconds of a step per rank (runner.breakdown): compute, the collectives inside the
+    stages, the rest of the step, and the other collectives' time in flight."""
     rows = {name: s["breakdown_s"] for name, s in summaries.items() if "breakdown_s" in s}
     if not rows:
         return
-    kinds = sorted({k for parts in rows.values() for k in parts} - {"compute", "other"})
-    titles = ["compute", *kinds, "other"]
-    print("\nwhere a step goes, seconds per rank (mean over pp ranks; gloo: time in or waiting")
-    print("at each kind of collective; other: bubble outside collectives, optimizer, Python):")
-    print(f"{'scenario':>14}  " + "  ".join(f"{t:>14}" for t in titles))
+    titles = list(dict.fromkeys(k for parts in rows.values() for k in parts))
+    print("\nwhere a step goes, seconds per rank (mean over pp ranks): compute and the collectives")
+    print("inside the stages' forward/backward (gloo: time in or waiting at them), the rest of")
+    print("the step outside the stages; 'in flight' overlaps the rest and is not part of the sum:")
+    print(f"{'scenario':>14}  " + "  ".join(f"{t:>18}" for t in titles))
     for name, parts in rows.items():
         cells = [f"{parts.get(t, 0.0):.3f}" for t in titles]
-        print(f"{name:>14}  " + "  ".join(f"{c:>14}" for c in cells))
+        print(f"{name:>14}  " + "  ".join(f"{c:>18}" for c in cells))
 
 
 def print_targets(targets: list[dict[str, Any]]) -> None:

@@ -147,21 +147,36 @@ def summarize(scenario: Scenario, result: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+IN_STAGES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+"""Collectives made inside a stage's forward and backward (tp, FSDP2, experts): blocking, so
+their time is part of the stages' busy time. Point-to-point sends and receives are posted ahead
+and overlap compute: their time in flight is not wall time of the step."""
+
+
 def breakdown(timed: list[dict[str, Any]]) -> dict[str, float]:
-    """Where a rank's step goes, the mean over pp ranks and the median over steps: compute
-    (its stages' forward and backward), each kind of collective (gloo: time in or waiting at
-    it) and the rest (pipeline bubble outside collectives, optimizer, Python)."""
+    """Where a rank's step goes, the mean over pp ranks and the median over steps: compute (its
+    stages' forward and backward without the collectives inside them), each of those
+    collectives (gloo: time in or waiting at it), and outside the stages (pipeline bubble and
+    waiting for neighbours, gradient finishing, optimizer, Python). `in flight:` entries are
+    the other collectives' time in flight, which overlaps the rest (not summed)."""
     kinds = sorted({kind for m in timed for kind in m["comm_s"]})
 
     def mean(values: list[float]) -> float:
         return sum(values) / len(values)
 
-    parts = {"compute": statistics.median(mean(m["pp_busy_s"]) for m in timed)}
-    for kind in kinds:
-        parts[kind] = statistics.median(mean(m["comm_s"].get(kind, [0.0])) for m in timed)
-    step = statistics.median(float(m["step_time_s"]) for m in timed)
-    parts["other"] = step - sum(parts.values())
-    return parts
+    def median(value: Any) -> float:
+        return statistics.median(value(m) for m in timed)
+
+    busy = median(lambda m: mean(m["pp_busy_s"]))
+    step = median(lambda m: float(m["step_time_s"]))
+    parts = {kind: median(lambda m, k=kind: mean(m["comm_s"].get(k, [0.0]))) for kind in kinds}
+    inside = {k: v for k, v in parts.items() if k in IN_STAGES}
+    return {
+        "compute": busy - sum(inside.values()),
+        **inside,
+        "outside stages": step - busy,
+        **{f"in flight: {k}": v for k, v in parts.items() if k not in IN_STAGES},
+    }
 
 
 def time_command(args: list[str], tries: int = 3) -> float:

@@ -16,8 +16,11 @@ REF = ROOT / "configs" / "smollm_cpu.toml"
 TINY = ROOT / "configs" / "tiny_cpu.toml"
 MOE = ROOT / "configs" / "qwen3_moe_cpu.toml"
 
-# bench-small: the reference's vocabulary (so the embedding/logits cost is real) on a small body.
+# bench-small: the reference's vocabulary (so the embedding/logits cost is real) on a small body,
+# gradients reduced once per step (the default; the reference config reduces per micro-batch to
+# save memory, which a small model does not need).
 SMALL_MODEL = [
+    'parallel.grad_sync="step"',
     "model.hidden_size=256",
     "model.intermediate_size=1024",
     "model.num_hidden_layers=4",

@@ -5,7 +5,8 @@ reference) and in many layouts; losses and gradient norms must equal the referen
 relative. Runs of one world size share one spawned world, whatever their group:
 
     llama    configs/tiny_cpu.toml: every (dp, pp, tp) in {1,2}^3, FSDP2 and replicated dp,
-             sequence parallel, grad_acc 1/2/4, activation checkpointing; golden losses pinned
+             gradients reduced per micro-batch (parallel.grad_sync), sequence parallel,
+             grad_acc 1/2/4, activation checkpointing; golden losses pinned
     sched    every pipeline schedule at pp2 and at dp2 pp2 tp2 with FSDP2 (global batch 8)
     (llama and sched also evaluate on held-out data after steps 3 and 6: eval_loss must match
     too, so evaluation works in every layout and schedule and does not disturb training)
@@ -15,8 +16,10 @@ relative. Runs of one world size share one spawned world, whatever their group:
              split over tp
 
 The default run (CI) leaves out the layouts marked `wide(...)` below, each a combination whose
-parts other runs cover (gpipe beside 1f1b, every schedule at dp2 pp2 tp2 beside zbv, masked
-labels at dp2 pp2 tp2 beside dp2 and pp2 tp2); `make parity` (MESHTRAIN_WIDE=1) runs them all.
+parts other runs cover (gpipe beside 1f1b, every schedule at dp2 pp2 tp2 beside zbv, the other
+schedules with gradients reduced per micro-batch beside 1f1b, masked labels at dp2 pp2 tp2
+beside dp2 and pp2 tp2, Qwen3 at dp2 pp2 tp2 beside its tp2 and pp2 tp2 runs and LLaMA at dp2
+pp2 tp2); `make parity` (MESHTRAIN_WIDE=1) runs them all.
 """
 
 from __future__ import annotations
@@ -183,8 +186,7 @@ RUNS = [
             layout(tp=2, sp=True),
             layout(pp=2, tp=2),
             layout(dp=2, tp=2, shard=True),
-            layout(2, 2, 2, shard=True),
-            *wide(layout(2, 2, 2, schedule="gpipe")),
+            *wide(layout(2, 2, 2, shard=True), layout(2, 2, 2, schedule="gpipe")),
         ],
     ),
 ]
