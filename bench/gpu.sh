@@ -7,8 +7,9 @@
 # 1. Installs meshtrain into the current Python without touching its packages (--no-deps).
 # 2. Parity on one device: the tiny llama and qwen3 configs (synthetic tokens, fp32, 6 steps) on
 #    CUDA give the CPU per-step losses within 1e-4 (different kernels, same math).
-# 3. The full SmolLM-1.7B architecture (24 layers), 1 process, bf16, seq_len 2048: tokens/s, MFU
-#    against the GPU's published dense bf16 peak, peak GPU memory (torch.cuda.max_memory_allocated).
+# 3. The full SmolLM-1.7B architecture (24 layers), 1 process, bf16, seq_len 2048, eager and with
+#    train.compile = true: tokens/s, MFU against the GPU's published dense bf16 peak, peak GPU
+#    memory (torch.cuda.max_memory_allocated), and compile_s (step 1's compile time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3}"
@@ -37,14 +38,18 @@ done
 big=(parallel.dp=1 parallel.pp=1 parallel.tp=1 parallel.dp_shard=false model.num_hidden_layers=24
      'data.source="synthetic"' 'train.precision="bf16"' train.seq_len=2048 train.micro_batch_size=8
      train.grad_acc=1 train.steps=8 'checkpoint.resume="never"' checkpoint.every=0)
-"$PY" -m meshtrain run configs/smollm_cpu.toml ${big[@]/#/--set } --set "run.dir=\"$OUT/smollm-gpu\"" \
-  > "$OUT/smollm-gpu.log" 2>&1 || { tail -20 "$OUT/smollm-gpu.log"; exit 1; }
-"$PY" - "$OUT/smollm-gpu/metrics.jsonl" <<'PYEOF'
+for compile in false true; do
+  run="$OUT/smollm-gpu-compile-$compile"
+  "$PY" -m meshtrain run configs/smollm_cpu.toml ${big[@]/#/--set } --set "train.compile=$compile" \
+    --set "run.dir=\"$run\"" > "$run.log" 2>&1 || { tail -20 "$run.log"; exit 1; }
+  "$PY" - "$run/metrics.jsonl" "$compile" <<'PYEOF'
 import json, statistics, sys
-steps = [json.loads(line) for line in open(sys.argv[1])][1:]  # step 1 is warm-up
+every = [json.loads(line) for line in open(sys.argv[1])]
+steps = every[1:]  # step 1 is warm-up (and compilation)
 med = lambda key: statistics.median(m[key] for m in steps)
-print(f"SmolLM-1.7B (24 layers) bf16, 1 GPU, 8 x 2048 tokens/step: {med('tokens_per_s'):,.0f} tok/s, "
-      f"{med('step_time_s'):.3f} s/step, MFU {med('mfu'):.1%}, "
+print(f"SmolLM-1.7B (24 layers) bf16, compile {sys.argv[2]}, 1 GPU, 8 x 2048 tokens/step: "
+      f"{med('tokens_per_s'):,.0f} tok/s, {med('step_time_s'):.3f} s/step, MFU {med('mfu'):.1%}, "
       f"peak GPU memory {max(m['peak_mem_max_rank_gib'] for m in steps):.1f} GiB, "
-      f"loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
+      f"compile {every[0].get('compile_s', 0):.0f} s, loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}")
 PYEOF
+done
