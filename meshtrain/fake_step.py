@@ -118,8 +118,9 @@ def _step(job: Job, mesh: Mesh, model: ParallelModel, boundary: dict[str, Any]) 
     tokens = (labels >= 0).sum()
     dist.all_reduce(tokens, group=mesh.group("dp"))  # Stepper.run's global token count
     autocast = train.precision == "bf16" and not job.config.parallel.fsdp
-    each = job.config.parallel.grad_sync == "microbatch"
-    stepper = Stepper(model, mesh, job.schedule, train.grad_acc, autocast, False, each)
+    stepper = Stepper(
+        model, mesh, job.schedule, train.grad_acc, autocast, False, job.sync_each_microbatch
+    )
     stepper.loss_fn.scale = 1.0 / rows / train.seq_len
     with loss_context(mesh.size("tp")), stepper.autocast:
         if mesh.size("pp") == 1:
@@ -142,7 +143,6 @@ def _pipeline(
     keeps its graph until that micro-batch's backward; hidden states and their gradients go to
     the neighbouring stage's rank by send/recv on the pp group (or stay, on one rank)."""
     pp, me = mesh.size("pp"), mesh.pp_rank
-    each = job.config.parallel.grad_sync == "microbatch"
     holders = stage_ranks(job.schedule, pp)
     stages = dict(zip(model.stage_ids, model.stages, strict=True))
     micro_inputs = inputs.chunk(job.config.train.grad_acc)
@@ -184,7 +184,7 @@ def _pipeline(
             kept[(index, micro)] = (x, out)
         elif kind in ("B", "I"):
             x, out = kept.pop((index, micro))
-            before_backward(stage, each and kind == "B")
+            before_backward(stage, job.sync_each_microbatch and kind == "B")
             if last:
                 out.backward()
             else:

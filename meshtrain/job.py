@@ -55,6 +55,11 @@ class Job:
         return mode == "always" or (mode == "auto" and not self.schedule.splits_backward)
 
     @property
+    def sync_each_microbatch(self) -> bool:
+        """FSDP2 reduces gradients after every micro-batch (see parallel.grad_sync)."""
+        return self.config.parallel.grad_sync == "microbatch"
+
+    @property
     def device_type(self) -> str:
         device = self.config.run.device
         if device == "auto":

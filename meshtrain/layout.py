@@ -224,8 +224,8 @@ def _working_params(job: Job, held: list[Held]) -> int:
         if h.fsdp_unit:
             units[h.fsdp_unit] += h.elements
     root = total - sum(units.values())
-    if par.pp > 1 and par.grad_sync == "step":  # torch's pipelining: a stage's weights stay
-        return 2 * total  # gathered and its gradients whole from its first backward on
+    if par.pp > 1 and not job.sync_each_microbatch:  # torch's pipelining: a stage's weights
+        return 2 * total  # stay gathered and its gradients whole from its first backward on
     return 2 * root + 3 * max(units.values(), default=0)
 
 

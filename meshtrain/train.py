@@ -128,7 +128,7 @@ def build_trainer(job: Job) -> Trainer:
             job.schedule,
             cfg.train.grad_acc,
             autocast=cfg.train.precision == "bf16" and not cfg.parallel.fsdp,
-            sync_each_microbatch=cfg.parallel.grad_sync == "microbatch",
+            sync_each_microbatch=job.sync_each_microbatch,
         ),
         optimizer=optimizer,
         lr_schedule=build_lr_schedule(optimizer, cfg.train),

@@ -29,18 +29,10 @@ def decoder_parameters(
 ) -> list[ParamSpec]:
     """A LLaMA-layout stage (stage.py; blocks as family.Spec `spec` describes them), or a
     mixture-of-experts one (moe.py) when `spec` says layout "moe"."""
-    width, vocab = c.hidden_size, c.vocab_size
+    width = c.hidden_size
     found = []
-    unit = _vocab_unit(c, first, last)
     if first:  # VocabParallelEmbedding
-        found.append(
-            ParamSpec(
-                name="model.embed_tokens.weight",
-                shape=(vocab, width),
-                tp_dim=0,
-                fsdp_unit=unit("model.embed_tokens"),
-            )
-        )
+        found.append(_vocab_matrix("model.embed_tokens", c, first, last))
     moe = set(moe_layers(c)) if spec.get("layout") == "moe" else set()
     for i in layers:
         block = _Block(f"model.layers.{i}")
@@ -57,11 +49,7 @@ def decoder_parameters(
         found += block.specs
     if last:  # the head column-parallel, logits vocab-sharded
         found.append(ParamSpec(name="model.norm.weight", shape=(width,)))
-        found.append(
-            ParamSpec(
-                name="lm_head.weight", shape=(vocab, width), tp_dim=0, fsdp_unit=unit("lm_head")
-            )
-        )
+        found.append(_vocab_matrix("lm_head", c, first, last))
     return found
 
 
@@ -69,17 +57,10 @@ def neox_parameters(
     c: Any, layers: range, *, first: bool, last: bool, tp: int, spec: dict[str, Any]
 ) -> list[ParamSpec]:
     """A GPT-NeoX stage (neox.py): LayerNorms with biases, per-head fused qkv, a biased MLP."""
-    width, inner, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
-    found, unit = [], _vocab_unit(c, first, last)
+    width, inner = c.hidden_size, c.intermediate_size
+    found = []
     if first:
-        found.append(
-            ParamSpec(
-                name="gpt_neox.embed_in.weight",
-                shape=(vocab, width),
-                tp_dim=0,
-                fsdp_unit=unit("gpt_neox.embed_in"),
-            )
-        )
+        found.append(_vocab_matrix("gpt_neox.embed_in", c, first, last))
     for i in layers:
         block = _Block(f"gpt_neox.layers.{i}")
         for norm in ("input_layernorm", "post_attention_layernorm"):
@@ -93,19 +74,21 @@ def neox_parameters(
     if last:
         for name in ("weight", "bias"):
             found.append(ParamSpec(name=f"gpt_neox.final_layer_norm.{name}", shape=(width,)))
-        found.append(
-            ParamSpec(
-                name="lm_head.weight", shape=(vocab, width), tp_dim=0, fsdp_unit=unit("lm_head")
-            )
-        )
+        found.append(_vocab_matrix("lm_head", c, first, last))
     return found
 
 
-def _vocab_unit(c: Any, first: bool, last: bool) -> Any:
-    """The embedding and the head are FSDP2 units of their own (plan.vocab_units), except when
-    one stage holds both and they share a weight (then the stage's root holds them)."""
+def _vocab_matrix(module: str, c: Any, first: bool, last: bool) -> ParamSpec:
+    """The embedding's or head's weight, split over the vocabulary on tp: an FSDP2 unit of its
+    own (plan.vocab_units), except when one stage holds both and they share the weight (then
+    the stage's root holds them)."""
     shared = first and last and c.tie_word_embeddings
-    return lambda module: "" if shared else module
+    return ParamSpec(
+        name=f"{module}.weight",
+        shape=(c.vocab_size, c.hidden_size),
+        tp_dim=0,
+        fsdp_unit="" if shared else module,
+    )
 
 
 class _Block:
