@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from scenarios import ROOT, Scenario, build_command
 
-from meshtrain.metrics import PEAK_BF16_ENV, PEAK_ENV, measure_peak_flops
+from meshtrain.metrics import measure_peak_flops
+from meshtrain.peaks import PEAK_BF16_ENV, PEAK_ENV
 
 POLL_S = 0.05
 

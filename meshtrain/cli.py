@@ -110,8 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # Under torchrun or srun every worker runs this command: the file checks run once per node,
     # on local rank 0, which also prepares the data (the others would only repeat them).
+    # With several workers this job only prepares and launches them (each resolves its own), so
+    # the family may answer from its declared config, without importing the model's code.
     once_per_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
-    job = resolve_job(load_config(args.config, args.overrides), preflight=once_per_node)
+    config = load_config(args.config, args.overrides)
+    job = resolve_job(config, preflight=once_per_node, declared=config.world_size > 1)
     return int(launch(job) or 0)
 
 

@@ -179,6 +179,13 @@ class ModelFamily(Protocol):
     #       core then calls parse_config). Its config may be a plain object: the core passes it
     #       only to `shape`, `stage_parameters` and `tied_parameters`, never to `build`. The core
     #       asks for it only where `stage_parameters` is declared as well."""
+    #
+    # Optional, for startup time (a schedule or a data source may declare it too):
+    #
+    #   worker_imports: tuple[str, ...]
+    #       """Modules its code imports in the workers (e.g. the transformers model's module):
+    #       the local launcher imports them once in the process it forks CPU workers from,
+    #       instead of every worker importing them again."""
 
 
 @runtime_checkable

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,10 @@ class Job:
         if device == "auto":
             return "cuda" if cuda_available() else "cpu"
         return device
+
+
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
+"""Without one of these a Linux machine has no GPU torch could use."""
 
 
 def resolve_job(
@@ -179,7 +184,10 @@ def resolve_model_config(
 
 def cuda_available() -> bool:
     """Whether torch sees a CUDA device; torch loads only here, where the answer is needed
-    (`meshtrain check` of a CPU config never imports it)."""
+    (`meshtrain check` of a CPU config never imports it), and not at all on a Linux machine
+    without a GPU driver's device files (NVIDIA's, or ROCm's for torch's HIP build)."""
+    if sys.platform == "linux" and not any(Path(f).exists() for f in GPU_DEVICE_FILES):
+        return False
     import torch
 
     return torch.cuda.is_available()

@@ -14,14 +14,10 @@ import sys
 import uuid
 from pathlib import Path
 
-import torch
-
-from meshtrain import liveness
+from meshtrain import liveness, peaks
 from meshtrain.config import config_from_raw
 from meshtrain.errors import UserError
 from meshtrain.job import Job, resolve_job
-from meshtrain.metrics import PEAK_ENV, measure_peak_flops
-from meshtrain.precision import decide
 
 log = logging.getLogger("meshtrain")
 
@@ -52,8 +48,10 @@ def launch(job: Job) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             prepare(job)
         return _worker_main(str(cfg.path), cfg.raw)
-    prepare(job)
     if cfg.world_size == 1:
+        from meshtrain.precision import decide
+
+        prepare(job)
         decide(cfg, job.device_type)
         return _worker_main(str(cfg.path), cfg.raw, job)
     return _launch_local(job)
@@ -61,17 +59,14 @@ def launch(job: Job) -> int:
 
 def prepare(job: Job) -> None:
     """Once, before any worker starts: check the checkpoint to resume, tokenize the data."""
+    from meshtrain.preflight import context
     from meshtrain.resume import check_resume
-    from meshtrain.train import data_context
 
     check_resume(job)
-    job.source.prepare(job.data_options, data_context(job, dp_rank=0))
+    job.source.prepare(job.data_options, context(job.config, job.shape.vocab_size, dp_rank=0))
 
 
 def _launch_local(job: Job) -> int:
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     cfg = job.config
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 8 workers x 2 threads on 2 cores: 10x slower
     for key, value in WORKER_ENV.items():
@@ -79,9 +74,22 @@ def _launch_local(job: Job) -> int:
     # Workers sharing the agent's TCPStore read the previous attempt's peer addresses after a
     # restart (pytorch/pytorch#135712: gloo "Connection refused"); a fresh store per attempt.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    if job.device_type == "cpu" and PEAK_ENV not in os.environ:
-        os.environ[PEAK_ENV] = str(measure_peak_flops(torch.device("cpu")))
+    cpu = job.device_type == "cpu"
+    from meshtrain.precision import decide
+
+    if cpu:
+        peaks.matmul_peaks()  # from this machine's cache; or measured while nothing else runs
     decide(cfg, job.device_type)  # "auto" resolved once, for every worker
+    if cpu:
+        # Workers take the environment of the forkserver, as it is now. It imports what they
+        # need on one core while this process imports torch, prepares the data and starts the
+        # agent on the other.
+        _start_forkserver(job)
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    prepare(job)
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -91,7 +99,7 @@ def _launch_local(job: Job) -> int:
         rdzv_endpoint=f"127.0.0.1:{_free_port()}",
         max_restarts=cfg.run.max_restarts,
         monitor_interval=0.5,
-        start_method=_start_method(job),
+        start_method="forkserver" if cpu else "spawn",
         local_addr="127.0.0.1",
     )
     log.info(
@@ -132,23 +140,38 @@ def _silent_ranks(run_dir: Path, world: int) -> list[int]:
     return silent
 
 
-def _start_method(job: Job) -> str:
-    """forkserver on CPU: one clean server process imports torch, transformers and the plugins
-    once, and every worker is forked from it, so 8 workers reach their first step in seconds
-    instead of each importing everything again on 2 cores (~18 s with spawn). Unlike a fork of
-    the launcher, workers do not inherit its heap (data preparation, tokenizer). CUDA: spawn."""
-    if job.device_type != "cpu":
-        return "spawn"
+def _start_forkserver(job: Job) -> None:
+    """On CPU workers are forked from one clean server process that imported torch,
+    transformers, the plugins and the modules they declare (`worker_imports`) once, so that 8
+    workers reach their first step in seconds instead of each importing everything again on 2
+    cores. Unlike a fork of the launcher, workers inherit neither its heap (data preparation,
+    tokenizer) nor its threads. CUDA workers are spawned."""
     import multiprocessing
+    import multiprocessing.forkserver
 
     multiprocessing.set_forkserver_preload(
-        ["torch", "transformers", "meshtrain.train", *job.plugins.module_names()]
+        [
+            "torch",
+            "transformers",
+            "meshtrain.train",
+            *job.plugins.module_names(),
+            *_worker_imports(job),
+        ]
     )
-    return "forkserver"
+    multiprocessing.forkserver.ensure_running()
+
+
+def _worker_imports(job: Job) -> list[str]:
+    """The modules the run's family, schedule and data source say their workers import."""
+    names = []
+    for plugin in (job.family, job.schedule, job.source):
+        names += list(getattr(plugin, "worker_imports", ()))
+    return names
 
 
 def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:
     """Entry point of every worker (also of the in-process world of one)."""
+    import torch
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from meshtrain.mesh import close_mesh

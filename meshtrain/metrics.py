@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("meshtrain")
+from meshtrain.peaks import matmul_peaks
 
-PEAK_ENV = "MESHTRAIN_PEAK_FLOPS"
-"""The fp32 matmul peak, measured once by the launcher (or the bench) for every worker."""
-PEAK_BF16_ENV = "MESHTRAIN_PEAK_FLOPS_BF16"
+log = logging.getLogger("meshtrain")
 
 
 def measure_peak_flops(
@@ -156,20 +154,22 @@ def _tensorboard_writer(run_dir: Path) -> Any:
 
 
 def peak_flops(mesh: Any, precision: str = "fp32") -> float:
-    """The machine's matmul FLOP/s for MFU: on a known GPU in bf16 its published peak; else
-    measured once by the launcher (all cores of a CPU) and passed in $MESHTRAIN_PEAK_FLOPS
-    (and ..._BF16), or measured here per device. A bf16 run is held to the faster of the two
-    peaks: what it leaves in fp32 (norms, softmax) cannot beat the machine's best."""
+    """The machine's matmul FLOP/s for MFU: on a known GPU in bf16 its published peak; on a CPU
+    all its cores' (meshtrain.peaks, measured once per machine); else measured here per device.
+    A bf16 run is held to the faster of the two peaks: what it leaves in fp32 (norms, softmax)
+    cannot beat the machine's best."""
     if mesh.device.type == "cuda" and precision == "bf16":
         name = torch.cuda.get_device_name(mesh.device)
         known = [peak for key, peak in GPU_BF16_PEAK.items() if key in name.split()]
         if known:
             return known[0] * mesh.world
-    devices = mesh.world if mesh.device.type == "cuda" else 1
-    fp32 = float(os.environ.get(PEAK_ENV) or 0) or measure_peak_flops(mesh.device) * devices
-    if precision != "bf16":
-        return fp32
-    bf16 = float(os.environ.get(PEAK_BF16_ENV) or 0) or (
-        measure_peak_flops(mesh.device, torch.bfloat16) * devices
-    )
-    return max(fp32, bf16)
+    if mesh.device.type == "cpu":
+        fp32, bf16 = matmul_peaks()
+    else:
+        fp32 = measure_peak_flops(mesh.device) * mesh.world
+        bf16 = (
+            measure_peak_flops(mesh.device, torch.bfloat16) * mesh.world
+            if precision == "bf16"
+            else 0.0
+        )
+    return max(fp32, bf16) if precision == "bf16" else fp32

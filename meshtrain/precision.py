@@ -4,9 +4,10 @@
 
 CUDA: bf16 where the GPU supports it. CPU: bf16 only where its measured bf16 matmul beats fp32
 by a clear margin (AVX-512-bf16 or AMX: several times faster; without them bf16 is emulated and
-slower). The launcher measures once and hands the choice to its workers ($MESHTRAIN_PRECISION),
-so they agree; workers started by torchrun or srun measure each and take bf16 only if every rank
-chose it. An explicit "bf16" where it is slower runs, with a one-line warning.
+slower). The launcher reads this machine's peaks (meshtrain.peaks) and hands the choice to its
+workers ($MESHTRAIN_PRECISION), so they agree; workers started by torchrun or srun each read
+them and take bf16 only if every rank chose it. An explicit "bf16" where it is slower runs,
+with a one-line warning.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import logging
 import os
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
-from meshtrain.metrics import PEAK_BF16_ENV, PEAK_ENV, measure_peak_flops
+from meshtrain.peaks import matmul_peaks
 
 log = logging.getLogger("meshtrain")
 
@@ -29,9 +27,12 @@ MARGIN = 1.2
 """bf16 must be this much faster than fp32 for auto to choose it."""
 
 
-def choose(device: torch.device) -> tuple[str, str]:
-    """(the precision "auto" means on `device`, the reason in words)."""
-    if device.type == "cuda":
+def choose(device: Any) -> tuple[str, str]:
+    """(the precision "auto" means on `device` (a torch.device or its type), the reason in
+    words). torch is imported only for a GPU: a CPU's answer comes from its peaks."""
+    if getattr(device, "type", device) == "cuda":
+        import torch
+
         if torch.cuda.is_bf16_supported():
             return "bf16", f"{torch.cuda.get_device_name(device)} computes bf16 natively"
         return "fp32", f"{torch.cuda.get_device_name(device)} has no bf16 support"
@@ -41,27 +42,16 @@ def choose(device: torch.device) -> tuple[str, str]:
     return ("bf16" if ratio >= MARGIN else "fp32"), speed
 
 
-def matmul_peaks() -> tuple[float, float]:
-    """This CPU's all-core fp32 and bf16 matmul FLOP/s, measured once per process tree: the
-    launcher passes them on in the environment (they are MFU's peaks too)."""
-    cpu = torch.device("cpu")
-    for env, dtype in ((PEAK_ENV, torch.float32), (PEAK_BF16_ENV, torch.bfloat16)):
-        if not os.environ.get(env):
-            os.environ[env] = str(measure_peak_flops(cpu, dtype))
-    return float(os.environ[PEAK_ENV]), float(os.environ[PEAK_BF16_ENV])
-
-
 def decide(config: Any, device_type: str) -> str:
     """Before workers start (the local launcher): resolve "auto" once and put the choice in the
     environment for them; warn about an explicit bf16 that is slower here."""
-    device = torch.device(device_type)
     precision = config.train.precision
     if precision == "auto" and PRECISION_ENV not in os.environ:
-        choice, why = choose(device)
+        choice, why = choose(device_type)
         os.environ[PRECISION_ENV] = choice
         log.info("train.precision auto -> %s: %s", choice, why)
-    elif precision == "bf16" and device.type == "cpu":
-        choice, why = choose(device)
+    elif precision == "bf16" and device_type == "cpu":
+        choice, why = choose(device_type)
         if choice == "fp32":
             log.warning("train.precision: bf16 is slower than fp32 on this CPU (%s)", why)
     return os.environ.get(PRECISION_ENV, precision) if precision == "auto" else precision
@@ -74,6 +64,9 @@ def resolve_precision(job: Any, mesh: Any) -> Any:
         return job
     choice = os.environ.get(PRECISION_ENV)
     if choice not in ("bf16", "fp32"):
+        import torch
+        import torch.distributed as dist
+
         choice, why = choose(mesh.device)
         vote = torch.tensor([choice == "bf16"], dtype=torch.int32, device=mesh.device)
         dist.all_reduce(vote, op=dist.ReduceOp.MIN)

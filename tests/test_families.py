@@ -153,6 +153,19 @@ def parse(family: str, options: dict, name: str | None = None):
     )
 
 
+def test_worker_imports_hold_the_model_code():
+    """What a family declares for the forkserver to preload holds its transformers model class
+    and the family's own layout module, so no worker imports them after the fork."""
+    import sys
+
+    for name in FAMILIES:
+        family = family_of(name)
+        declared = set(family.worker_imports)
+        assert family.spec.model_class.__module__ in declared, name
+        assert type(family._family).__module__ in declared, name
+        assert all(module in sys.modules for module in declared), name
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("num_stages", [1, 3])
 def test_split_stages_equal_transformers(family, num_stages):

@@ -78,3 +78,33 @@ def test_the_peak_grows_past_a_small_matmul():
     assert (
         measure_peak_flops(torch.device("cpu"), seconds=0.2) >= 0.5 * small
     )  # a busy machine varies
+
+
+def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
+    """Without the environment the peaks come from the machine's cache entry; only a missing
+    or unreadable entry is measured (and written)."""
+    from meshtrain import peaks
+
+    monkeypatch.setenv("MESHTRAIN_CACHE", str(tmp_path))
+    measured = []
+
+    def measure():
+        measured.append(1)
+        return 150e9, 1.5e9
+
+    monkeypatch.setattr(peaks, "_measure", measure)
+    caplog.set_level(logging.INFO, logger="meshtrain")
+    for _ in range(2):
+        for name in PEAKS:
+            monkeypatch.delenv(name, raising=False)
+        assert not peaks.known()
+        assert peaks.matmul_peaks() == (150e9, 1.5e9)
+        assert peaks.cached()
+    assert len(measured) == 1
+    assert "matmul peaks of this machine from" in caplog.text
+    peaks.cache_path().write_text("{half a file")
+    for name in PEAKS:
+        monkeypatch.delenv(name, raising=False)
+    assert not peaks.cached()
+    assert peaks.matmul_peaks() == (150e9, 1.5e9)
+    assert len(measured) == 2

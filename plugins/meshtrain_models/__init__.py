@@ -77,6 +77,13 @@ class LazyFamily:
         self, prefix: str, model_types: tuple[str, ...], layout: str = "llama", **spec: Any
     ):
         self.model_types = model_types
+        # What a worker imports to build the model: the local launcher imports it once before
+        # forking workers (transformers' model module alone takes seconds).
+        module = model_types[0]
+        self.worker_imports = (
+            f"transformers.models.{module}.modeling_{module}",
+            f"meshtrain_models.{ {'llama': 'family'}.get(layout, layout) }",
+        )
         self._prefix, self._layout, self._spec, self._family = prefix, layout, spec, None
 
     def declared_config(
