@@ -26,7 +26,9 @@ STATE_BYTES_PER_PARAM = 4 * BYTES_FP32
 """fp32 parameter + gradient + AdamW's two moments."""
 ADAMW_BYTES_PER_PARAM = 2 * BYTES_FP32
 LOGITS_COPIES = 3
-"""Logits, their log-softmax and its gradient are alive at once on the last stage."""
+"""Logits, their log-softmax and its gradient are alive at once on the last stage; 2 under tp,
+whose fused loss (meshtrain.cross_entropy) computes the softmax and then its gradient in one
+buffer."""
 WORKER_BASELINE_BYTES = int(0.45 * 2**30)
 """Resident memory of one worker besides tensors: ~0.33 GiB measured after importing torch 2.13
 (CPU), transformers and the plugins, plus room for the process group, tokenizer and allocator
@@ -262,7 +264,8 @@ def estimate_memory(
     tokens = train.micro_batch_size * train.seq_len
     in_flight = job.schedule.in_flight(pp_i, par.pp, train.grad_acc) if par.pp > 1 else 1
     activations = int(tokens * kept * BYTES_FP32 * in_flight)
-    logits = tokens * shape.vocab_size // par.tp * BYTES_FP32 * LOGITS_COPIES if last else 0
+    copies = LOGITS_COPIES - (par.tp > 1)
+    logits = tokens * shape.vocab_size // par.tp * BYTES_FP32 * copies if last else 0
     return MemoryEstimate(
         state=params * STATE_BYTES_PER_PARAM - unstepped * ADAMW_BYTES_PER_PARAM,
         activations=activations,

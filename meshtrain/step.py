@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from meshtrain.contracts import IGNORE_INDEX, Batch
+from meshtrain.cross_entropy import token_cross_entropy
 from meshtrain.errors import UserError
 from meshtrain.mesh import Mesh
 from meshtrain.model import ParallelModel
@@ -34,13 +34,7 @@ class TokenLoss:
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # logits (B, T, V), vocab-sharded DTensor under tp; labels (B, T)
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(),
-            labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        return loss * self.scale
+        return token_cross_entropy(logits, labels) * self.scale
 
 
 class Stepper:

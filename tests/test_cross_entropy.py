@@ -1,0 +1,79 @@
+"""The fused vocab-parallel cross-entropy (meshtrain.cross_entropy) gives F.cross_entropy's loss
+and gradients on the whole logits: even and uneven vocabulary splits, ignored labels, bf16
+logits, and the fallback for logits it does not fuse."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+pytestmark = pytest.mark.dist
+
+WORLD = 2
+CASES = ("even", "uneven", "bf16", "replicated")
+
+
+def test_fused_loss_is_cross_entropy_of_the_whole_logits(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(
+        _worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True
+    )
+    for rank in range(WORLD):
+        found = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for case in CASES:
+            loss_error, grad_error, fused = found[case]
+            assert fused == (case != "replicated"), case
+            assert loss_error < 1e-6, (case, loss_error)
+            assert grad_error < (1e-2 if case == "bf16" else 1e-6), (case, grad_error)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from meshtrain import cross_entropy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    fused_calls = []
+    original = cross_entropy._VocabParallel.apply
+    cross_entropy._VocabParallel.apply = lambda *a: fused_calls.append(1) or original(*a)
+    found = {}
+    for case in CASES:
+        vocab = 97 if case == "uneven" else 96
+        generator = torch.Generator().manual_seed(0)  # the same logits on both ranks
+        whole = 4 * torch.randn(2, 5, vocab, generator=generator)
+        labels = torch.randint(0, vocab, (2, 5), generator=generator)
+        labels[0, 1] = labels[1, 4] = -100
+        dtype = torch.bfloat16 if case == "bf16" else torch.float32
+        whole = whole.to(dtype)
+        placement = Replicate() if case == "replicated" else Shard(2)
+        logits = distribute_tensor(whole, mesh, [placement]).requires_grad_()
+        calls = len(fused_calls)
+        loss = cross_entropy.token_cross_entropy(logits, labels)
+        loss.backward()
+        reference = whole.detach().clone().requires_grad_()
+        expected = F.cross_entropy(
+            reference.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        expected.backward()
+        grad = logits.grad.full_tensor()
+        found[case] = (
+            abs(float(loss) - float(expected)) / abs(float(expected)),
+            float((grad.float() - reference.grad.float()).abs().max()),
+            len(fused_calls) > calls,
+        )
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(found))
+    dist.destroy_process_group()
