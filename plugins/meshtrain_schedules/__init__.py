@@ -39,6 +39,8 @@ class TorchSchedule:
     evaluates: bool = True
     """Its `eval()` runs forward only. The V schedules' runtimes still step through their
     backward actions there, so [eval] goes through the core's forward sweep instead."""
+    worker_imports: tuple[str, ...] = ("torch.distributed.pipelining",)
+    """Imported once before CPU workers are forked (`build` imports it in each worker)."""
 
     def placement(self, pp_rank: int, pp: int) -> list[int]:
         if self.style == "v":
