@@ -25,7 +25,8 @@ from meshtrain_models.schema import load_schema
 
 from meshtrain.cli import toml_value
 from meshtrain.config import load_config
-from meshtrain.job import Job, check_degrees, resolve_job
+from meshtrain.degrees import check_degrees
+from meshtrain.job import Job, resolve_job
 from meshtrain.layout import build_layout, count_parameters, declared_held, meta_held
 from meshtrain.meta_layout import count_meta_parameters
 
