@@ -197,13 +197,14 @@ def _verdict(plan: LayoutPlan, device_memory: int | None) -> str:
 
 
 def _format_compare(plans: list[LayoutPlan], device_memory: int | None) -> list[str]:
+    width = max(len("layout"), *(len(plan.name) for plan in plans))  # names are never cut
     lines = [
-        "layout                      ranks  peak/rank   fits     dp/step    pp/step    tp/step",
+        f"{'layout':<{width}}  ranks  peak/rank   fits     dp/step    pp/step    tp/step",
     ]
     for plan in plans:
         fits = "-" if device_memory is None else ("yes" if plan.peak <= device_memory else "NO")
         lines.append(
-            f"{plan.name[:26]:<26}  {plan.world:>5}  {plan.peak / GIB:>6.2f} GiB  {fits:>4}"
+            f"{plan.name:<{width}}  {plan.world:>5}  {plan.peak / GIB:>6.2f} GiB  {fits:>4}"
             f"  {_size(plan.traffic('dp')):>10} {_size(plan.traffic('pp')):>10}"
             f" {_size(plan.traffic('tp')):>10}"
         )

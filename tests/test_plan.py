@@ -139,3 +139,20 @@ def test_plan_names_a_bad_size_in_one_line():
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: --device-memory: 'lots'")
     assert "Traceback" not in result.stderr
+
+
+def test_compare_table_keeps_long_layout_names_whole():
+    from types import SimpleNamespace
+
+    from meshtrain.plan import _format_compare
+
+    def plan(name: str) -> SimpleNamespace:
+        return SimpleNamespace(name=name, world=8, peak=2**30, traffic=lambda axis: 2**20)
+
+    long = f"{V_FSDP_SP_AC},grad_sync=microbatch"
+    header, short_row, long_row = _format_compare([plan("dp=2"), plan(long)], 2**31)
+    assert long_row.startswith(long + "  ")
+    # the columns line up under the header's
+    width = len(long)
+    assert header[width + 2 : width + 7] == "ranks"
+    assert short_row[width + 2 : width + 7] == long_row[width + 2 : width + 7] == "    8"
