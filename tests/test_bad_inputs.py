@@ -176,6 +176,14 @@ CASES: dict[str, tuple[Case, list[str]]] = {
         lambda t: ["check", str(config(t, '[model]\nhidden_size = "64"\n'))],
         ["model.hidden_size: expected an integer"],
     ),
+    "an activation transformers lacks": (
+        lambda t: ["check", str(config(t, '[model]\nhidden_act = "gelux"\n'))],
+        ["model.hidden_act: unknown activation 'gelux' (did you mean gelu?)"],
+    ),
+    "a padding id outside the vocabulary": (
+        lambda t: ["check", str(config(t, "[model]\npad_token_id = 5000\n"))],
+        ["model.pad_token_id: 5000 is outside the vocabulary (model.vocab_size = 2048)"],
+    ),
     "config.json not JSON": (
         lambda t: ["check", str(pretrained(t, _folder(t / "m", "config.json", "{not json")))],
         ["model.name", "config.json is not valid JSON"],

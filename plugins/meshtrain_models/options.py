@@ -51,6 +51,10 @@ def parse_model_config(
     problem = head_dim_problem(merged, getattr(config_class, "head_dim", None), where)
     if problem:
         return None, [problem]
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its warnings about values model_problems names itself
     try:
         config = config_class(**merged)
     except Exception as err:  # transformers' validators raise their own classes, with a cause
@@ -58,8 +62,35 @@ def parse_model_config(
             err = err.__cause__
         text = first_line(err)
         return None, [f"{where}: {config_class.__name__} rejects these keys: {text}"]
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    problems = model_problems(config, where)
+    if problems:
+        return None, problems
     config._attn_implementation = "sdpa"  # causal without a mask; eager would not be
     return config, []
+
+
+def model_problems(config: Any, where: str) -> list[str]:
+    """What the config class takes but the model's constructor would refuse: a padding id
+    outside the vocabulary (nn.Embedding's padding_idx), an activation transformers lacks."""
+    from transformers.activations import ACT2FN
+
+    section = where.rsplit(": ", 1)[-1]
+    problems = []
+    pad, vocab = getattr(config, "pad_token_id", None), config.vocab_size
+    if isinstance(pad, int) and not 0 <= pad < vocab:
+        problems.append(
+            f"{where}.pad_token_id: {pad} is outside the vocabulary "
+            f"({section}.vocab_size = {vocab})"
+        )
+    for key in ("hidden_act", "hidden_activation"):
+        value = getattr(config, key, None)
+        if isinstance(value, str) and value not in ACT2FN:
+            problems.append(
+                f"{where}.{key}: unknown activation {value!r}" + suggest(value, sorted(ACT2FN))
+            )
+    return problems
 
 
 def known_keys(
