@@ -62,6 +62,15 @@ class Job:
         return self.config.parallel.grad_sync == "microbatch"
 
     @property
+    def worker_imports(self) -> list[str]:
+        """The modules the run's family, schedule and data source say their workers import
+        (`worker_imports`), for a process that forks workers to import once."""
+        names = []
+        for plugin in (self.family, self.schedule, self.source):
+            names += list(getattr(plugin, "worker_imports", ()))
+        return names
+
+    @property
     def device_type(self) -> str:
         device = self.config.run.device
         if device == "auto":

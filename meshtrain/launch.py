@@ -155,18 +155,10 @@ def _start_forkserver(job: Job) -> None:
             "transformers",
             "meshtrain.train",
             *job.plugins.module_names(),
-            *_worker_imports(job),
+            *job.worker_imports,
         ]
     )
     multiprocessing.forkserver.ensure_running()
-
-
-def _worker_imports(job: Job) -> list[str]:
-    """The modules the run's family, schedule and data source say their workers import."""
-    names = []
-    for plugin in (job.family, job.schedule, job.source):
-        names += list(getattr(plugin, "worker_imports", ()))
-    return names
 
 
 def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:

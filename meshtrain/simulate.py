@@ -132,15 +132,11 @@ def _result(future: Any, pp_rank: int) -> Any:
 
 
 def _modules(job: Job) -> list[str]:
-    """The plugins' and the model's modules (with torch and transformers, 5 s to import): the
-    forkserver imports them once and every simulating process starts from it."""
-    names = []
-    for plugin in (job.family, job.schedule, job.source, job.model_config):
-        names.append(type(plugin).__module__)
-    config = type(job.model_config).__module__
-    if ".configuration_" in config:
-        names.append(config.replace(".configuration_", ".modeling_"))
-    return names
+    """The plugins' modules and those they declare their workers import (with torch and
+    transformers, seconds to import): the forkserver imports them once and every simulating
+    process starts from it."""
+    names = [type(plugin).__module__ for plugin in (job.family, job.schedule, job.source)]
+    return names + job.worker_imports
 
 
 def _with_layers(config: Any, layers: int) -> Any:

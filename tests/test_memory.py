@@ -5,9 +5,15 @@ simulates against real runs of `meshtrain run` (fp32, 2 steps, 8 workers).
   memory minus its memory before the model was built (imports, process group: `pp_base_mem_gib`),
   for Qwen3 (FSDP2) and SmolLM (the reference run); with the plan's runtime (its measured
   imports) added, within 10% of the whole peak for those and the tiny LLaMA too, whose tensors
-  (5 MiB) are smaller than what a worker loads lazily during its first step (30 MiB);
+  (5 MiB) are smaller than what a worker loads lazily during its first step (30 MiB). The
+  runtime is measured in a fresh process that imports what a worker has: a worker forked from
+  the launcher's forkserver holds the libraries' pages only once it touches them, 20-35 MiB less,
+  so for the tiny LLaMA the plan may read up to 15% high (never more than 10% low);
 - plan: the step's collectives equal the run's step 2, calls and bytes, per axis and pp rank;
-- check: the total estimate and each pp rank's within 15% for Qwen3.
+- check: for Qwen3 the total estimate within 15%; each pp rank's a bound, at most 10% under and
+  25% over what it measured (under pp with gradients reduced once per step check counts every
+  unit's gathered weights and whole gradients at once; the embedding's weights are freed after
+  its forward, since a lookup's backward needs none).
 
 About 12 minutes on 2 cores (the reference run is most of it).
 """
@@ -59,7 +65,8 @@ def test_plan_predicts_the_peak_and_the_collectives_of_a_real_run(name, tmp_path
     step = real_run(config, overrides, tmp_path)
     for sim, peak, base in zip(sims, step["pp_peak_mem_gib"], step["pp_base_mem_gib"], strict=True):
         whole = (sim.peak_bytes + sim.imports) / GIB
-        assert abs(whole - peak) <= 0.10 * peak, (sim.pp_rank, whole, peak)
+        over = 0.15 if name == "tiny" else 0.10
+        assert -0.10 * peak <= whole - peak <= over * peak, (sim.pp_rank, whole, peak)
         if name != "tiny":
             grown, tensors = peak - base, sim.peak_bytes / GIB
             assert abs(tensors - grown) <= 0.10 * grown, (sim.pp_rank, tensors, grown)
@@ -73,4 +80,8 @@ def test_plan_predicts_the_peak_and_the_collectives_of_a_real_run(name, tmp_path
         assert abs(step["peak_mem_total_gib"] - estimate) <= 0.15 * step["peak_mem_total_gib"]
         for pp_rank, measured in enumerate(step["pp_peak_mem_gib"]):
             guess = next(row.memory.total for row in rows if row.pp == pp_rank) / GIB
-            assert abs(measured - guess) <= 0.15 * measured, (pp_rank, measured, guess)
+            assert -0.10 * measured <= guess - measured <= 0.25 * measured, (
+                pp_rank,
+                measured,
+                guess,
+            )
