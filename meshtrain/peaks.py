@@ -6,7 +6,8 @@ what MFU divides by, measured once per machine and kept in the cache.
 Measuring takes seconds and must not share the cores with anything (a busy core reads slower,
 and MFU could then pass 100%), so the launcher measures before it starts any worker, and only
 where the cache has no entry for this machine: host, CPU model and flags, cores and torch version.
-Delete the entry to measure again. torch is imported only to measure.
+Delete the entry to measure again. Workers torchrun started side by side on one node measure each
+and cache nothing (they share the cores). torch is imported only to measure.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def matmul_peaks() -> tuple[float, float]:
             log.info("matmul peaks of this machine from %s", cache_path())
         else:
             fp32, bf16 = _measure()
-            _write(cache_path(), {"fp32": fp32, "bf16": bf16})
+            if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1:  # not measured side by side
+                _write(cache_path(), {"fp32": fp32, "bf16": bf16})
         os.environ[PEAK_ENV], os.environ[PEAK_BF16_ENV] = str(fp32), str(bf16)
     return float(os.environ[PEAK_ENV]), float(os.environ[PEAK_BF16_ENV])
 

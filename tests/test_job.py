@@ -68,3 +68,20 @@ def test_auto_without_a_name_asks_for_the_family(tmp_path):
         f"{path}: model.family: 'auto' needs model.name (a folder with config.json or a hub id); "
         "for an inline architecture set model.family"
     ]
+
+
+def test_no_gpu_device_files_means_no_cuda_without_asking_torch(tmp_path, monkeypatch):
+    """run.device = "auto" on a Linux machine without a GPU driver's device files is the CPU,
+    answered without importing torch (the launcher starts its forkserver before torch loads)."""
+    import sys
+
+    from meshtrain import job
+
+    if sys.platform != "linux":
+        pytest.skip("device files are a Linux fact")
+    monkeypatch.setattr(job, "GPU_DEVICE_FILES", (str(tmp_path / "nvidiactl"),))
+    monkeypatch.setitem(sys.modules, "torch", None)  # importing torch would raise
+    assert job.cuda_available() is False
+    (tmp_path / "nvidiactl").touch()
+    with pytest.raises(ImportError):
+        job.cuda_available()  # a device file: torch is asked

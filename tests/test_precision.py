@@ -108,3 +108,10 @@ def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
     assert not peaks.cached()
     assert peaks.matmul_peaks() == (150e9, 1.5e9)
     assert len(measured) == 2
+    # torchrun's workers on one node measure side by side: nothing of theirs is cached
+    peaks.cache_path().unlink()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for name in PEAKS:
+        monkeypatch.delenv(name, raising=False)
+    assert peaks.matmul_peaks() == (150e9, 1.5e9)
+    assert not peaks.cache_path().exists()
