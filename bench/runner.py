@@ -18,8 +18,7 @@ from typing import Any
 import torch
 from scenarios import ROOT, Scenario, build_command
 
-from meshtrain.metrics import measure_peak_flops
-from meshtrain.peaks import PEAK_BF16_ENV, PEAK_ENV
+from meshtrain.peaks import PEAK_BF16_ENV, PEAK_ENV, measure_peak_flops
 
 POLL_S = 0.05
 

@@ -1,14 +1,14 @@
 """Step metrics: `<run.dir>/metrics.jsonl`, a progress line on rank 0, TensorBoard when asked.
 
-MFU is model FLOPs per second over the machine's own matmul throughput, measured once per run
-(`measure_peak_flops`), so it means the same on a laptop CPU and on a GPU.
+MFU is model FLOPs per second over the machine's own matmul throughput (meshtrain.peaks: a CPU's
+measured once per machine, a known GPU's published bf16 peak), so it means the same on a laptop
+CPU and on a GPU.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import sys
 import time
@@ -17,59 +17,9 @@ from typing import Any
 
 import torch
 
-from meshtrain.peaks import matmul_peaks
+from meshtrain.peaks import matmul_peaks, measure_peak_flops
 
 log = logging.getLogger("meshtrain")
-
-
-def measure_peak_flops(
-    device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 1.5
-) -> float:
-    """Dense matmul FLOP/s on `device`; on a CPU with every core (the machine's peak, which all
-    local workers share). The best of several rounds at growing sizes (up to 2048 on a CPU),
-    so that no real run measures faster than its peak (MFU stays under 100%); a dtype the
-    hardware lacks (bf16 without AVX-512-bf16 / AMX) stops growing once one matmul is slow."""
-    if device.type == "cpu":
-        threads = torch.get_num_threads()
-        torch.set_num_threads(os.cpu_count() or 1)
-        try:
-            return _growing_matmul_flops(device, dtype, 2048, seconds)
-        finally:
-            torch.set_num_threads(threads)
-    return _growing_matmul_flops(device, dtype, 8192, seconds)
-
-
-def _growing_matmul_flops(
-    device: torch.device, dtype: torch.dtype, largest: int, seconds: float
-) -> float:
-    best, n, deadline = 0.0, 256, time.perf_counter() + seconds
-    while True:
-        rate, one = _matmul_flops(device, dtype, n, seconds / 24)
-        best = max(best, rate)
-        # The next size: 8x the work per matmul, 4 of them (warm-up and 3 rounds).
-        if n >= largest or time.perf_counter() + 32 * one > deadline:
-            return best
-        n *= 2
-
-
-def _matmul_flops(
-    device: torch.device, dtype: torch.dtype, n: int, seconds: float
-) -> tuple[float, float]:
-    """(best FLOP/s of 3 rounds of at least `seconds` each, seconds of one matmul)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up
-    best, one = 0.0, float("inf")
-    for _ in range(3):
-        count, start = 0, time.perf_counter()
-        while count == 0 or time.perf_counter() - start < seconds:
-            a @ b
-            count += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        best, one = max(best, 2 * n**3 * count / elapsed), min(one, elapsed / count)
-    return best, one
 
 
 def peak_memory_gib(device: torch.device) -> float:

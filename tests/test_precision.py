@@ -72,7 +72,7 @@ def test_workers_take_the_launchers_choice(monkeypatch):
 
 def test_the_peak_grows_past_a_small_matmul():
     """The fp32 peak is the best of growing sizes: at least what one 256 x 256 matmul gives."""
-    from meshtrain.metrics import _matmul_flops, measure_peak_flops
+    from meshtrain.peaks import _matmul_flops, measure_peak_flops
 
     small, _ = _matmul_flops(torch.device("cpu"), torch.float32, 256, 0.02)
     assert (
