@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,11 +21,22 @@ WIDE = os.environ.get("MESHTRAIN_WIDE") == "1"
 """`make parity`: also the layouts the default run leaves out as covered by others' parts."""
 
 
-def run_world(world: int, runs: list[tuple[str, list[str]]], out: Path) -> list[list[dict]]:
-    """Train each (config, overrides) in turn in one world of `world` processes."""
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def spawn_pair(worker: Any, out: Path) -> None:
+    """`worker(rank, port, str(out))` in 2 spawned processes, joined (each writes into `out`)."""
+    mp.start_processes(
+        worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn", join=True
+    )
+
+
+def run_world(world: int, runs: list[tuple[str, list[str]]], out: Path) -> list[list[dict]]:
+    """Train each (config, overrides) in turn in one world of `world` processes."""
+    port = free_port()
     result = out / f"world{world}.json"
     mp.start_processes(
         _worker,

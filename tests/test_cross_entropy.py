@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from tests.spawn import spawn_pair
 
 pytestmark = pytest.mark.dist
 
@@ -22,12 +22,7 @@ CASES = ("even", "uneven", "bf16", "replicated")
 
 
 def test_fused_loss_is_cross_entropy_of_the_whole_logits(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.start_processes(
-        _worker, args=(port, str(tmp_path)), nprocs=WORLD, start_method="spawn", join=True
-    )
+    spawn_pair(_worker, tmp_path)
     for rank in range(WORLD):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case in CASES:
