@@ -71,4 +71,5 @@ def _worker(rank: int, port: int, out: str) -> None:
             len(fused_calls) > calls,
         )
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(found))
+    dist.barrier()  # the peer is done reading too: closing earlier aborts its gloo thread
     dist.destroy_process_group()
