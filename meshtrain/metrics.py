@@ -120,6 +120,6 @@ def peak_flops(mesh: Any, precision: str = "fp32") -> float:
         bf16 = (
             measure_peak_flops(mesh.device, torch.bfloat16) * mesh.world
             if precision == "bf16"
-            else 0.0
+            else 0
         )
     return max(fp32, bf16) if precision == "bf16" else fp32

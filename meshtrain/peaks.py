@@ -58,8 +58,9 @@ def cached() -> bool:
 
 def cache_path() -> Path:
     """This machine's cache entry."""
-    try:
-        cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    try:  # the model and flags of the first CPU; not its MHz, which moves with the load
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+        cpu = "\n".join(line for line in first if line.startswith(("model name", "flags")))
     except OSError:
         cpu = platform.processor()
     try:

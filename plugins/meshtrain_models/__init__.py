@@ -67,6 +67,14 @@ FAMILIES: dict[str, dict[str, Any]] = {
 ("llama": family.py, "neox": neox.py, "moe": moe.py) and the rest of its Spec."""
 
 
+LAYOUT_MODULES = {
+    "llama": "meshtrain_models.family",
+    "neox": "meshtrain_models.neox",
+    "moe": "meshtrain_models.moe",
+}
+"""Where each layout's family class lives."""
+
+
 class LazyFamily:
     """A catalog entry that costs nothing to list (`meshtrain plugins`) and answers `meshtrain
     check` without torch or transformers: `declared_config`, `shape`, `stage_parameters` and
@@ -82,7 +90,7 @@ class LazyFamily:
         module = model_types[0]
         self.worker_imports = (
             f"transformers.models.{module}.modeling_{module}",
-            f"meshtrain_models.{ {'llama': 'family'}.get(layout, layout) }",
+            LAYOUT_MODULES[layout],
         )
         self._prefix, self._layout, self._spec, self._family = prefix, layout, spec, None
 
