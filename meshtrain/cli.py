@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from meshtrain import malloc
     from meshtrain.config import load_config
-    from meshtrain.job import resolve_job
+    from meshtrain.job import device_type, resolve_job
     from meshtrain.launch import launch  # the heavy part; `check` works without it
 
     # Under torchrun or srun every worker runs this command: the file checks run once per node,
@@ -114,6 +115,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the family may answer from its declared config, without importing the model's code.
     once_per_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
     config = load_config(args.config, args.overrides)
+    if config.world_size == 1 and "RANK" not in os.environ:  # a world of one runs right here
+        malloc.apply_here(malloc.choose(config.run.malloc, device_type(config.run.device)))
     job = resolve_job(config, preflight=once_per_node, declared=config.world_size > 1)
     return int(launch(job) or 0)
 
@@ -247,8 +250,22 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
         "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
         "working = gathered weights and unsharded gradients (FSDP) or the all-reduce buffer;",
         "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py).",
+        *_malloc_line(job),
     ]
     return "\n".join(lines)
+
+
+def _malloc_line(job: Job) -> list[str]:
+    from meshtrain import malloc
+
+    library = malloc.choose(job.config.run.malloc, job.device_type)
+    if library is None:
+        return []
+    return [
+        f"malloc: {library} (run.malloc {job.config.run.malloc}) keeps freed pages",
+        f"for reuse, so peaks run above this estimate: {malloc.RETAINED}.",
+        'run.malloc = "system" has the lowest peak.',
+    ]
 
 
 def _experts_line(job: Job) -> list[str]:

@@ -33,6 +33,10 @@ class RunSection:
     """How often the elastic launcher restarts the workers after a failure."""
     timeout_s: float = _opt(300.0, min=1)
     """Collective timeout: a rank that waits longer than this fails instead of hanging."""
+    malloc: str = _opt("auto", choices=("auto", "tcmalloc", "system"))
+    """The CPU workers' malloc: tcmalloc reuses freed pages (faster), system (glibc) returns
+    them at once (lowest peak memory); auto = tcmalloc where installed, else system. CUDA runs
+    keep the system's unless "tcmalloc" is named (meshtrain/malloc.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)

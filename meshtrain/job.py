@@ -72,10 +72,7 @@ class Job:
 
     @property
     def device_type(self) -> str:
-        device = self.config.run.device
-        if device == "auto":
-            return "cuda" if cuda_available() else "cpu"
-        return device
+        return device_type(self.config.run.device)
 
 
 GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/kfd")
@@ -190,6 +187,13 @@ def resolve_model_config(
         if answer is not None:
             return answer
     return family.parse_config(config.model.options, **kwargs)
+
+
+def device_type(run_device: str) -> str:
+    """The device type `run.device` names: "auto" is cuda when torch sees a GPU, else cpu."""
+    if run_device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    return run_device
 
 
 def cuda_available() -> bool:

@@ -14,17 +14,14 @@ import sys
 import uuid
 from pathlib import Path
 
-from meshtrain import liveness, peaks
+from meshtrain import liveness, malloc, peaks
 from meshtrain.config import config_from_raw
 from meshtrain.errors import UserError
 from meshtrain.job import Job, resolve_job
 
 log = logging.getLogger("meshtrain")
 
-# Freed memory goes back to the OS at once instead of staying in glibc's arenas: with 8 workers
-# on one machine, retained arenas alone are gigabytes.
 STARTED, FINISHED, FAILED = "worker started", "worker finished", "worker failed"
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
 def launch(job: Job) -> int:
@@ -69,8 +66,9 @@ def prepare(job: Job) -> None:
 def _launch_local(job: Job) -> int:
     cfg = job.config
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 8 workers x 2 threads on 2 cores: 10x slower
-    for key, value in WORKER_ENV.items():
-        os.environ.setdefault(key, value)
+    library = malloc.choose(cfg.run.malloc, job.device_type)
+    os.environ.update(malloc.worker_env(library))
+    log.info("run.malloc %s -> %s", cfg.run.malloc, library or "system (glibc)")
     # Workers sharing the agent's TCPStore read the previous attempt's peer addresses after a
     # restart (pytorch/pytorch#135712: gloo "Connection refused"); a fresh store per attempt.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
@@ -176,7 +174,7 @@ def _worker_main(path: str, raw: dict, job: Job | None = None) -> int:
         _setup_worker_logging(job.config.run_dir, int(os.environ.get("RANK", "0")))
         if job.device_type == "cpu" and "OMP_NUM_THREADS" in os.environ:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        log.info("%s (pid %d)", STARTED, os.getpid())
+        log.info("%s (pid %d, malloc %s)", STARTED, os.getpid(), malloc.loaded())
         try:
             run_worker(job)
         except BaseException as err:
