@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 on bad arguments
+    # Only the command's own process (argv from the command line) may re-execute itself or
+    # change its malloc for a world of one (meshtrain/malloc.py); not a caller's Python.
+    args.own_process = argv is None
     try:
         return args.command(args)
     except UserError as err:
@@ -115,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the family may answer from its declared config, without importing the model's code.
     once_per_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
     config = load_config(args.config, args.overrides)
-    if config.world_size == 1 and "RANK" not in os.environ:  # a world of one runs right here
+    if config.world_size == 1 and "RANK" not in os.environ and args.own_process:
         malloc.apply_here(malloc.choose(config.run.malloc, device_type(config.run.device)))
     job = resolve_job(config, preflight=once_per_node, declared=config.world_size > 1)
     return int(launch(job) or 0)
