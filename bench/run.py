@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     machine = measure_machine(seconds=0.3 if args.quick else 1.5)
     _say(
         f"{machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}: peak "
-        f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16"
+        f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16; "
+        f"malloc {machine['tcmalloc'] or 'system (glibc): no tcmalloc installed'}"
     )
     summaries, runs = {}, {}
     commands = {name: time_command(command) for name, command in COMMANDS.items()}
@@ -119,8 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(summaries: dict[str, dict[str, Any]]) -> None:
+    # The scenario column as wide as the longest name in this run.
+    columns = [("scenario", max(len("scenario"), *map(len, summaries))), *COLUMNS[1:]]
     print()
-    print("  ".join(f"{title:>{width}}" for title, width in COLUMNS))
+    print("  ".join(f"{title:>{width}}" for title, width in columns))
     for name, s in summaries.items():
         cells = [name, s["workers"], s["precision"]]
         if "tokens_per_s" in s:
@@ -139,7 +142,7 @@ def print_table(summaries: dict[str, dict[str, Any]]) -> None:
         cells.append("-" if first is None else f"{first:.1f}")
         cells.append("-" if a2a is None else f"{a2a:.3f}")
         print(
-            "  ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, COLUMNS, strict=True))
+            "  ".join(f"{cell!s:>{width}}" for cell, (_, width) in zip(cells, columns, strict=True))
         )
     print(
         "(medians over steps 2..N; tok/s and s/step are global; cpu summed over workers; "

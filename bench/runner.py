@@ -18,13 +18,15 @@ from typing import Any
 import torch
 from scenarios import ROOT, Scenario, build_command
 
+from meshtrain.malloc import find_tcmalloc
 from meshtrain.peaks import PEAK_BF16_ENV, PEAK_ENV, measure_peak_flops
 
 POLL_S = 0.05
 
 
 def measure_machine(seconds: float) -> dict[str, Any]:
-    """CPU model, cores, torch version and the all-core matmul peak for fp32 and bf16."""
+    """CPU model, cores, torch version, the tcmalloc run.malloc = "auto" takes (None: glibc's)
+    and the all-core matmul peak for fp32 and bf16."""
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     cpu = torch.device("cpu")
@@ -33,6 +35,7 @@ def measure_machine(seconds: float) -> dict[str, Any]:
         "cores": cores,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "tcmalloc": find_tcmalloc(),
         "peak_gflops_fp32": measure_peak_flops(cpu, torch.float32, seconds) / 1e9,
         "peak_gflops_bf16": measure_peak_flops(cpu, torch.bfloat16, seconds) / 1e9,
     }
@@ -197,7 +200,10 @@ def time_command(args: list[str], tries: int = 3) -> float:
 
 def skip_reason(scenario: Scenario, machine: dict[str, Any]) -> str | None:
     """bf16 scenarios only where bf16 matmuls are faster than fp32 (the targets about bf16
-    speed apply only there; on a CPU without bf16 hardware they would run for hours)."""
+    speed apply only there; on a CPU without bf16 hardware they would run for hours); tcmalloc
+    scenarios only where it is installed."""
+    if scenario.malloc == "tcmalloc" and not machine["tcmalloc"]:
+        return "no tcmalloc on this machine (apt install libtcmalloc-minimal4)"
     if scenario.precision == "bf16" and machine["peak_gflops_bf16"] <= machine["peak_gflops_fp32"]:
         return (
             f"bf16 matmul {machine['peak_gflops_bf16']:.1f} GFLOP/s is not faster than fp32 "

@@ -17,10 +17,11 @@ TINY = ROOT / "configs" / "tiny_cpu.toml"
 MOE = ROOT / "configs" / "qwen3_moe_cpu.toml"
 
 # bench-small: the reference's vocabulary (so the embedding/logits cost is real) on a small body,
-# gradients reduced once per step (the default; the reference config reduces per micro-batch to
-# save memory, which a small model does not need).
+# with the defaults the reference config changes to save memory, which a small model does not
+# need: gradients reduced once per step, and tcmalloc where it is installed.
 SMALL_MODEL = [
     'parallel.grad_sync="step"',
+    'run.malloc="auto"',
     "model.hidden_size=256",
     "model.intermediate_size=1024",
     "model.num_hidden_layers=4",
@@ -61,6 +62,7 @@ BF16 = ['train.precision="bf16"']
 # dp = 1 keeps 4 sequences per micro-batch, so 4 micro-batches make the same 16-sequence batch.
 BATCH_DP1 = ["train.micro_batch_size=4", "train.grad_acc=4"]
 BATCH_DP2 = ["train.micro_batch_size=4", "train.grad_acc=2"]
+TP2PP2 = ["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=false", *BATCH_DP1]
 GRAD_SYNC_STEP = ['parallel.grad_sync="step"']
 # What a user waits for before anything runs: `meshtrain check` of the reference config and the
 # plugin catalog (best of 3 wall times each).
@@ -83,6 +85,8 @@ class Scenario:
     """Only the time from command to first step matters; `--steps` does not apply."""
     profile: bool = False
     """Count and time the collectives (log.comms, log.comm_time) for the step breakdown."""
+    malloc: str = ""
+    """run.malloc for this run ("": the config's)."""
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -106,8 +110,7 @@ SCENARIOS: dict[str, Scenario] = {
             workers=1,
             steps=20,
         ),
-        Scenario(name="ref-8", config=REF, workers=8),
-        # The same with its collectives counted and timed: the breakdown, apart from the run
+        # ref-8 with its collectives counted and timed: the breakdown, apart from the run
         # whose speed and memory count (the profiler's records cost both).
         Scenario(name="ref-8-prof", config=REF, workers=8, steps=3, profile=True),
         # The reference config's memory settings, one at a time back to the default, and
@@ -127,14 +130,31 @@ SCENARIOS: dict[str, Scenario] = {
             name="ref-8-compile", config=REF, overrides=["train.compile=true"], workers=8, steps=3
         ),
         Scenario(name="ref-8-bf16", config=REF, overrides=BF16, workers=8, precision="bf16"),
-        Scenario(
-            name="ref-tp2pp2",
-            config=REF,
-            workers=4,
-            overrides=["parallel.dp=1", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=false"]
-            + BATCH_DP1,
+        # The reference config runs on glibc's malloc, for its memory; the same three layouts
+        # on tcmalloc show the speed (where it is installed).
+        *(
+            scenario
+            for malloc in ("", "tcmalloc")
+            for scenario in (
+                Scenario(
+                    name=f"ref-8{'-' * bool(malloc)}{malloc}", workers=8, malloc=malloc, config=REF
+                ),
+                Scenario(
+                    name=f"ref-tp2pp2{'-' * bool(malloc)}{malloc}",
+                    config=REF,
+                    workers=4,
+                    overrides=TP2PP2,
+                    malloc=malloc,
+                ),
+                Scenario(
+                    name=f"ref-1{'-' * bool(malloc)}{malloc}",
+                    config=REF,
+                    workers=1,
+                    overrides=ONE_PROCESS + BATCH_DP1,
+                    malloc=malloc,
+                ),
+            )
         ),
-        Scenario(name="ref-1", config=REF, overrides=ONE_PROCESS + BATCH_DP1, workers=1),
         Scenario(
             name="ref-1-bf16",
             config=REF,
@@ -185,6 +205,7 @@ def build_command(scenario: Scenario, run_dir: Path, steps: int, quick: bool) ->
         'checkpoint.resume="never"',
         f"train.steps={steps}",
         *(["log.comms=true", "log.comm_time=true"] if scenario.profile else []),
+        *([f'run.malloc="{scenario.malloc}"'] if scenario.malloc else []),
     ]
     command = [sys.executable, "-m", "meshtrain", "run", str(scenario.config)]
     for item in overrides:
