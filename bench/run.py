@@ -1,6 +1,6 @@
 """Throughput, CPU time, memory, MFU and startup of meshtrain layouts on this machine.
 
-    python bench/run.py                        # every scenario (about an hour on 2 cores)
+    python bench/run.py                        # every scenario (about 80 minutes on 2 cores)
     python bench/run.py --scenarios small-8,small-1 --steps 10
     python bench/run.py --quick --scenarios small-8,small-1   # smoke test: tiny model
     python bench/run.py --scenarios moe-ep1,moe-ep2         # a mixture of experts, ep 1 vs 2
