@@ -89,6 +89,24 @@ class Scenario:
     """run.malloc for this run ("": the config's)."""
 
 
+def reference_layouts(malloc: str) -> list[Scenario]:
+    """ref-8, ref-tp2pp2 and ref-1 on `malloc` (named "-<malloc>" when it is not the config's)."""
+    suffix = f"-{malloc}" if malloc else ""
+    return [
+        Scenario(name=f"ref-8{suffix}", config=REF, workers=8, malloc=malloc),
+        Scenario(
+            name=f"ref-tp2pp2{suffix}", config=REF, workers=4, overrides=TP2PP2, malloc=malloc
+        ),
+        Scenario(
+            name=f"ref-1{suffix}",
+            config=REF,
+            workers=1,
+            overrides=ONE_PROCESS + BATCH_DP1,
+            malloc=malloc,
+        ),
+    ]
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in [
@@ -132,29 +150,8 @@ SCENARIOS: dict[str, Scenario] = {
         Scenario(name="ref-8-bf16", config=REF, overrides=BF16, workers=8, precision="bf16"),
         # The reference config runs on glibc's malloc, for its memory; the same three layouts
         # on tcmalloc show the speed (where it is installed).
-        *(
-            scenario
-            for malloc in ("", "tcmalloc")
-            for scenario in (
-                Scenario(
-                    name=f"ref-8{'-' * bool(malloc)}{malloc}", workers=8, malloc=malloc, config=REF
-                ),
-                Scenario(
-                    name=f"ref-tp2pp2{'-' * bool(malloc)}{malloc}",
-                    config=REF,
-                    workers=4,
-                    overrides=TP2PP2,
-                    malloc=malloc,
-                ),
-                Scenario(
-                    name=f"ref-1{'-' * bool(malloc)}{malloc}",
-                    config=REF,
-                    workers=1,
-                    overrides=ONE_PROCESS + BATCH_DP1,
-                    malloc=malloc,
-                ),
-            )
-        ),
+        *reference_layouts(""),
+        *reference_layouts("tcmalloc"),
         Scenario(
             name="ref-1-bf16",
             config=REF,

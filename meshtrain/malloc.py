@@ -30,11 +30,10 @@ log = logging.getLogger("meshtrain")
 PRELOAD = "LD_PRELOAD"
 TCMALLOC = ("tcmalloc_minimal", "tcmalloc")
 """Library names tried in order (gperftools' minimal build first: no heap profiler)."""
-SYSTEM_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-"""glibc's workers give freed memory back to the OS at once instead of keeping it in arenas:
-with 8 workers on one machine, retained arenas alone are gigabytes."""
-MALLOPT = {"MALLOC_MMAP_THRESHOLD_": -3, "MALLOC_TRIM_THRESHOLD_": -1}
-"""mallopt's option numbers (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) for SYSTEM_ENV's keys."""
+GLIBC = {"MALLOC_MMAP_THRESHOLD_": (-3, 131072), "MALLOC_TRIM_THRESHOLD_": (-1, 131072)}
+"""On glibc, processes give freed memory back to the OS at once instead of keeping it in arenas
+(with 8 workers on one machine, retained arenas alone are gigabytes): each setting's environment
+variable (read at startup) and its mallopt option (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD) and value."""
 RESTARTED = "MESHTRAIN_MALLOC_RESTARTED"
 """Set in a restarted command, so that a library the loader refused cannot restart it again."""
 RETAINED = "+26% at dp2 pp2 tp2 (5 steps), +9% at tp2 pp2"
@@ -47,7 +46,9 @@ def find_tcmalloc() -> str | None:
     xeon launcher looks, then the system's library folders."""
     arch = sysconfig.get_config_var("MULTIARCH") or ""
     prefixes = [sys.prefix, os.environ.get("CONDA_PREFIX", sys.prefix), "/usr/local", "/usr"]
-    folders = [Path(p) / lib for p in prefixes for lib in (f"lib/{arch}", "lib64", "lib")]
+    folders = dict.fromkeys(
+        Path(p, lib) for p in prefixes for lib in (f"lib/{arch}", "lib64", "lib")
+    )
     for name in TCMALLOC:
         for folder in folders:
             found = sorted(folder.glob(f"lib{name}.so*"))
@@ -69,9 +70,9 @@ def choose(setting: str, device_type: str) -> str | None:
 
 def worker_env(library: str | None) -> dict[str, str]:
     """What to add to the environment of processes started on `library` (None: glibc, with
-    SYSTEM_ENV where the user set no malloc variables of their own)."""
+    GLIBC's settings where the user set no malloc variables of their own)."""
     if library is None:
-        return {key: value for key, value in SYSTEM_ENV.items() if key not in os.environ}
+        return {key: str(value) for key, (_, value) in GLIBC.items() if key not in os.environ}
     preload = os.environ.get(PRELOAD, "")
     if library in preload.split(":"):
         return {}
@@ -81,12 +82,12 @@ def worker_env(library: str | None) -> dict[str, str]:
 def apply_here(library: str | None) -> None:
     """Put this process (a world of one trains in the process the user started) on `library`:
     execute the command again with it preloaded, unless it already runs on it; or, for glibc,
-    set SYSTEM_ENV's thresholds with mallopt (the environment is read only at startup)."""
+    set GLIBC's thresholds with mallopt (the environment is read only at startup)."""
     if library is None:
         libc = _glibc()
-        for key, option in MALLOPT.items():
+        for key, (option, value) in GLIBC.items():
             if libc is not None and key not in os.environ:
-                libc.mallopt(option, int(SYSTEM_ENV[key]))
+                libc.mallopt(option, value)
         return
     if loaded() != "system" or os.environ.get(RESTARTED):
         return
@@ -102,10 +103,8 @@ def loaded() -> str:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return "unknown"
-    for name in TCMALLOC:
-        marker = f"/lib{name}.so"
-        if marker in maps:
-            line = next(line for line in maps.splitlines() if marker in line)
+    for line in maps.splitlines():
+        if any(f"/lib{name}.so" in line for name in TCMALLOC):
             return Path(line.split()[-1]).name
     return "system"
 

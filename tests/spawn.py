@@ -7,13 +7,12 @@ once per world size instead of once per layout.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -31,23 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def on_tcmalloc() -> Iterator[None]:
+def on_tcmalloc() -> Any:
     """Processes started inside run on tcmalloc where it is installed, as `meshtrain run`'s
     workers do (meshtrain/malloc.py): the same math, without a third of the CPU going to page
     faults. The environment is restored after."""
     library = malloc.find_tcmalloc()
-    env = malloc.worker_env(library) if library else {}
-    saved = {key: os.environ.get(key) for key in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    return mock.patch.dict(os.environ, malloc.worker_env(library) if library else {})
 
 
 def spawn_pair(worker: Any, out: Path) -> None:
