@@ -35,8 +35,9 @@ class RunSection:
     """Collective timeout: a rank that waits longer than this fails instead of hanging."""
     malloc: str = _opt("auto", choices=("auto", "tcmalloc", "system"))
     """The CPU workers' malloc: tcmalloc reuses freed pages (faster), system (glibc) returns
-    them at once (lowest peak memory); auto = tcmalloc where installed, else system. CUDA runs
-    keep the system's unless "tcmalloc" is named (meshtrain/malloc.py)."""
+    them at once (lowest peak memory) and maps large blocks in transparent huge pages; auto =
+    tcmalloc where installed, else system. CUDA runs keep the system's unless "tcmalloc" is
+    named (meshtrain/malloc.py)."""
 
 
 @dataclass(frozen=True, kw_only=True)

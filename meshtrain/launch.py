@@ -68,7 +68,8 @@ def _launch_local(job: Job) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # 8 workers x 2 threads on 2 cores: 10x slower
     library = malloc.choose(cfg.run.malloc, job.device_type)
     os.environ.update(malloc.worker_env(library))
-    log.info("run.malloc %s -> %s", cfg.run.malloc, library or "system (glibc)")
+    glibc = f"system (glibc; transparent huge pages: {malloc.huge_pages() or 'unknown'})"
+    log.info("run.malloc %s -> %s", cfg.run.malloc, library or glibc)
     # Workers sharing the agent's TCPStore read the previous attempt's peer addresses after a
     # restart (pytorch/pytorch#135712: gloo "Connection refused"); a fresh store per attempt.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")

@@ -30,8 +30,18 @@ def test_choice_follows_the_setting_and_device(monkeypatch):
 
 def test_worker_env_keeps_what_the_user_set(monkeypatch):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000")
-    assert malloc.worker_env(None) == {"MALLOC_MMAP_THRESHOLD_": "131072"}
+    assert malloc.worker_env(None) == {
+        "MALLOC_MMAP_THRESHOLD_": "131072",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    }
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.pthread.rseq=0")
+    assert (
+        malloc.worker_env(None)["GLIBC_TUNABLES"] == "glibc.pthread.rseq=0:glibc.malloc.hugetlb=1"
+    )
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
+    assert "GLIBC_TUNABLES" not in malloc.worker_env(None)
     assert malloc.worker_env("/x/libtcmalloc.so") == {"LD_PRELOAD": "/x/libtcmalloc.so"}
     monkeypatch.setenv("LD_PRELOAD", "/y/libfoo.so")
     assert malloc.worker_env("/x/libtcmalloc.so") == {
@@ -58,31 +68,50 @@ def test_a_preloaded_tcmalloc_is_what_runs_and_a_restart_takes_it():
     assert restarted.startswith("libtcmalloc")
 
 
-MMAPPED_AFTER_FREE = """
-import ctypes
+GLIBC_BLOCKS = """
+import ctypes, re
+from pathlib import Path
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 class Info(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (
         "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split())]
 libc.mallinfo2.restype = Info
-libc.free(libc.malloc(1 << 20))  # glibc's own rule: the next 1 MiB comes from the heap
+def huge_kib():
+    text = Path("/proc/self/smaps_rollup").read_text()
+    return int(re.search(r"AnonHugePages:\\s+(\\d+)", text).group(1))
+libc.free(libc.malloc(8 << 20))  # glibc's own rule: the next 8 MiB comes from the heap
 before = libc.mallinfo2().hblks
-block = libc.malloc(1 << 20)
-print(libc.mallinfo2().hblks - before)
+block = libc.malloc(8 << 20)  # over the heap's top (which huge pages round up to 2 MiB)
+mapped = libc.mallinfo2().hblks - before
+huge = huge_kib()
+big = libc.malloc(16 << 20)
+libc.memset(big, 1, 16 << 20)
+print(mapped, huge_kib() - huge)
 """
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
-def test_a_world_of_one_on_glibc_returns_freed_memory_at_once():
-    """apply_here(None) fixes glibc's mmap threshold: blocks over 128 KiB keep being mapped
-    (and unmapped at free) where glibc would otherwise keep them in its heap."""
-    plain = {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD"}
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc")
+def test_a_world_of_one_on_glibc_restarts_with_the_workers_settings():
+    """apply_here(None) executes the process again with worker_env(None): blocks over 128 KiB
+    keep being mapped (and unmapped at free) where glibc would otherwise keep them in its heap,
+    and, where the kernel gives transparent huge pages on request (madvise), in 2 MiB pages."""
+    plain = {*malloc.GLIBC, malloc.TUNABLES, malloc.RESTARTED, "LD_PRELOAD"}
     env = {k: v for k, v in os.environ.items() if k not in plain}
-    for code, mapped in (("", "0"), ("from meshtrain import malloc; malloc.apply_here(None)", "1")):
-        script = code + "\n" + MMAPPED_AFTER_FREE
+    huge = malloc.huge_pages() == "madvise"
+    for code, restarted in (
+        ("", False),
+        ("from meshtrain import malloc; malloc.apply_here(None)", True),
+    ):
         out = subprocess.run(
-            [sys.executable, "-c", script], env=env, capture_output=True, text=True
+            [sys.executable, "-c", code + "\n" + GLIBC_BLOCKS],
+            env=env,
+            capture_output=True,
+            text=True,
         )
-        assert out.stdout.strip() == mapped, out.stderr
+        mapped, huge_kib = (int(word) for word in out.stdout.split())
+        assert mapped == int(restarted), (out.stdout, out.stderr)
+        if huge:
+            assert (huge_kib >= 2048) == restarted, out.stdout
