@@ -58,6 +58,10 @@ MOE_DP2 = ["parallel.dp=2", "parallel.pp=1", "parallel.tp=1", "parallel.dp_shard
 
 ONE_PROCESS = ["parallel.dp=1", "parallel.pp=1", "parallel.tp=1", "parallel.dp_shard=false"]
 LAYOUT_8 = ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=true"]
+# bench-small's 8 workers: the reference layout, replicated over dp (the default, dp_shard false):
+# FSDP2 saves memory a small model does not need, at the price of a gather of every unit per
+# micro-batch (small-8-fsdp shows it).
+SMALL_LAYOUT_8 = ["parallel.dp=2", "parallel.pp=2", "parallel.tp=2", "parallel.dp_shard=false"]
 BF16 = ['train.precision="bf16"']
 # dp = 1 keeps 4 sequences per micro-batch, so 4 micro-batches make the same 16-sequence batch.
 BATCH_DP1 = ["train.micro_batch_size=4", "train.grad_acc=4"]
@@ -114,12 +118,20 @@ SCENARIOS: dict[str, Scenario] = {
             Scenario(
                 name=f"small-8{'-prof' if profile else ''}",
                 config=REF,
-                overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
+                overrides=SMALL_MODEL + SMALL_LAYOUT_8 + BATCH_DP2,
                 workers=8,
                 steps=10 if profile else 20,
                 profile=profile,
             )
             for profile in (False, True)
+        ),
+        # The same with the reference's FSDP2: what sharding costs a model that does not need it.
+        Scenario(
+            name="small-8-fsdp",
+            config=REF,
+            overrides=SMALL_MODEL + LAYOUT_8 + BATCH_DP2,
+            workers=8,
+            steps=20,
         ),
         Scenario(
             name="small-1",
