@@ -6,7 +6,8 @@ what MFU divides by, measured once per machine and kept in the cache.
 Measuring takes seconds and must not share the cores with anything (a busy core reads slower,
 and MFU could then pass 100%), so the launcher measures before it starts any worker, and only
 where the cache has no entry for this machine: host, CPU model and flags, cores and torch version.
-Delete the entry to measure again. Workers torchrun started side by side on one node measure each
+A measurement during which other processes took more than BUSY of the CPUs is used for this run
+but not cached. Delete the entry to measure again. Workers torchrun started side by side on one node measure each
 and cache nothing (they share the cores). torch is imported only to measure.
 """
 
@@ -17,6 +18,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -29,6 +31,8 @@ log = logging.getLogger("meshtrain")
 PEAK_ENV = "MESHTRAIN_PEAK_FLOPS"
 """The fp32 matmul peak, measured once by the launcher (or the bench) for every worker."""
 PEAK_BF16_ENV = "MESHTRAIN_PEAK_FLOPS_BF16"
+BUSY = 0.1
+"""Peaks measured while other processes took more than this share of the CPUs are not cached."""
 
 
 def matmul_peaks() -> tuple[float, float]:
@@ -39,8 +43,14 @@ def matmul_peaks() -> tuple[float, float]:
         if fp32 and bf16:
             log.info("matmul peaks of this machine from %s", cache_path())
         else:
-            fp32, bf16 = _measure()
-            if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1:  # not measured side by side
+            fp32, bf16, others = _measure()
+            if others > BUSY:
+                log.warning(
+                    "matmul peaks measured while other processes used %.0f%% of the CPUs: "
+                    "not cached (MFU may read high); measured again by the next run",
+                    100 * others,
+                )
+            elif int(os.environ.get("LOCAL_WORLD_SIZE", "1")) == 1:  # not measured side by side
                 _write(cache_path(), {"fp32": fp32, "bf16": bf16})
         os.environ[PEAK_ENV], os.environ[PEAK_BF16_ENV] = str(fp32), str(bf16)
     return float(os.environ[PEAK_ENV]), float(os.environ[PEAK_BF16_ENV])
@@ -71,11 +81,31 @@ def cache_path() -> Path:
     return cache_dir() / "peaks" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
-def _measure() -> tuple[float, float]:
+def _measure() -> tuple[float, float, float]:
+    """(fp32, bf16, the share of the machine's CPU time other processes took meanwhile)."""
     import torch
 
     cpu = torch.device("cpu")
-    return measure_peak_flops(cpu, torch.float32), measure_peak_flops(cpu, torch.bfloat16)
+    busy, own, start = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+    fp32, bf16 = measure_peak_flops(cpu, torch.float32), measure_peak_flops(cpu, torch.bfloat16)
+    others = (_machine_busy_s() - busy) - (_own_cpu_s() - own)
+    return fp32, bf16, others / ((time.perf_counter() - start) * (os.cpu_count() or 1))
+
+
+def _machine_busy_s() -> float:
+    """CPU seconds every core of the machine has been busy (or stolen by its host) since boot;
+    0 where /proc/stat is missing (then nothing counts as busy)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:9]]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def measure_peak_flops(device: Any, dtype: Any = None, seconds: float = 1.5) -> float:

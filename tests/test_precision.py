@@ -7,6 +7,10 @@ launcher hands them to its workers.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -90,7 +94,7 @@ def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
 
     def measure():
         measured.append(1)
-        return 150e9, 1.5e9
+        return 150e9, 1.5e9, 0.0
 
     monkeypatch.setattr(peaks, "_measure", measure)
     caplog.set_level(logging.INFO, logger="meshtrain")
@@ -115,3 +119,27 @@ def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
         monkeypatch.delenv(name, raising=False)
     assert peaks.matmul_peaks() == (150e9, 1.5e9)
     assert not peaks.cache_path().exists()
+    # nor is what was measured while other processes took the cores (it reads low)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setattr(peaks, "_measure", lambda: (50e9, 1.5e9, 0.4))
+    for name in PEAKS:
+        monkeypatch.delenv(name, raising=False)
+    assert peaks.matmul_peaks() == (50e9, 1.5e9)
+    assert not peaks.cache_path().exists()
+    assert "other processes used 40% of the CPUs: not cached" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux's /proc/stat")
+def test_a_measurement_counts_what_other_processes_took(monkeypatch):
+    """_measure's third value: the share of the machine's CPU time others took while it ran
+    (one process spinning: about 1/cores)."""
+    from meshtrain import peaks
+
+    monkeypatch.setattr(peaks, "measure_peak_flops", lambda *args: time.sleep(0.6) or 1e9)
+    spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        share = peaks._measure()[2]
+    finally:
+        spin.kill()
+    assert share > 0.5 / (os.cpu_count() or 1), share
