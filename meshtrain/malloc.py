@@ -97,11 +97,11 @@ def apply_here(library: str | None) -> None:
     """Put this process (a world of one trains in the process the user started) on `library`:
     execute the command again with `worker_env`, unless it has nothing to add, or this process
     is already a restart (a library the loader refused must not restart it again)."""
-    env = worker_env(library)
     if library is None and platform.libc_ver()[0] != "glibc":
         return  # another C library: nothing of this applies
     if library is not None and loaded() != "system":
         return
+    env = worker_env(library)
     if not env or os.environ.get(RESTARTED):
         return
     log.info("run.malloc: restarting on %s", library or "glibc with huge pages")

@@ -7,8 +7,8 @@ Measuring takes seconds and must not share the cores with anything (a busy core 
 and MFU could then pass 100%), so the launcher measures before it starts any worker, and only
 where the cache has no entry for this machine: host, CPU model and flags, cores and torch version.
 A measurement during which other processes took more than BUSY of the CPUs is used for this run
-but not cached. Delete the entry to measure again. Workers torchrun started side by side on one node measure each
-and cache nothing (they share the cores). torch is imported only to measure.
+but not cached. Delete the entry to measure again. Workers torchrun started side by side on one
+node measure each and cache nothing (they share the cores). torch is imported only to measure.
 """
 
 from __future__ import annotations
