@@ -32,6 +32,8 @@ from runner import (
 from scenarios import COMMANDS, ROOT, SCENARIOS, steps_for
 from targets import evaluate
 
+from meshtrain.peaks import BUSY
+
 COLUMNS = [
     ("scenario", 14),
     ("workers", 7),
@@ -87,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16; "
         f"malloc {machine['tcmalloc'] or 'system (glibc): no tcmalloc installed'}"
     )
+    if machine["others_share"] > BUSY:
+        _say(
+            f"warning: other processes took {machine['others_share']:.0%} of the CPUs while the "
+            "peaks were measured: they read low, and MFU high"
+        )
     summaries, runs = {}, {}
     commands = {name: time_command(command) for name, command in COMMANDS.items()}
     _say("wall s, best of 3: " + ", ".join(f"{n} {s:.2f}" for n, s in commands.items()))

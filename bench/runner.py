@@ -19,25 +19,25 @@ import torch
 from scenarios import ROOT, Scenario, build_command
 
 from meshtrain.malloc import find_tcmalloc
-from meshtrain.peaks import PEAK_BF16_ENV, PEAK_ENV, measure_peak_flops
+from meshtrain.peaks import PEAK_BF16_ENV, PEAK_ENV, measure_cpu
 
 POLL_S = 0.05
 
 
 def measure_machine(seconds: float) -> dict[str, Any]:
-    """CPU model, cores, torch version, the tcmalloc run.malloc = "auto" takes (None: glibc's)
-    and the all-core matmul peak for fp32 and bf16."""
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    cpu = torch.device("cpu")
+    """CPU model, cores, torch version, the tcmalloc run.malloc = "auto" takes (None: glibc's),
+    the all-core matmul peak for fp32 and bf16, and the share of the CPUs other processes took
+    while it was measured (over BUSY, the peak reads low and MFU high)."""
+    fp32, bf16, others = measure_cpu(seconds)
     return {
         "cpu_model": _cpu_model(),
-        "cores": cores,
+        "cores": os.cpu_count() or 1,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "tcmalloc": find_tcmalloc(),
-        "peak_gflops_fp32": measure_peak_flops(cpu, torch.float32, seconds) / 1e9,
-        "peak_gflops_bf16": measure_peak_flops(cpu, torch.bfloat16, seconds) / 1e9,
+        "peak_gflops_fp32": fp32 / 1e9,
+        "peak_gflops_bf16": bf16 / 1e9,
+        "others_share": others,
     }
 
 

@@ -43,7 +43,7 @@ def matmul_peaks() -> tuple[float, float]:
         if fp32 and bf16:
             log.info("matmul peaks of this machine from %s", cache_path())
         else:
-            fp32, bf16, others = _measure()
+            fp32, bf16, others = measure_cpu()
             if others > BUSY:
                 log.warning(
                     "matmul peaks measured while other processes used %.0f%% of the CPUs: "
@@ -81,13 +81,14 @@ def cache_path() -> Path:
     return cache_dir() / "peaks" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
 
 
-def _measure() -> tuple[float, float, float]:
+def measure_cpu(seconds: float = 1.5) -> tuple[float, float, float]:
     """(fp32, bf16, the share of the machine's CPU time other processes took meanwhile)."""
     import torch
 
     cpu = torch.device("cpu")
     busy, own, start = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
-    fp32, bf16 = measure_peak_flops(cpu, torch.float32), measure_peak_flops(cpu, torch.bfloat16)
+    fp32 = measure_peak_flops(cpu, torch.float32, seconds)
+    bf16 = measure_peak_flops(cpu, torch.bfloat16, seconds)
     others = (_machine_busy_s() - busy) - (_own_cpu_s() - own)
     return fp32, bf16, others / ((time.perf_counter() - start) * (os.cpu_count() or 1))
 

@@ -96,7 +96,7 @@ def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
         measured.append(1)
         return 150e9, 1.5e9, 0.0
 
-    monkeypatch.setattr(peaks, "_measure", measure)
+    monkeypatch.setattr(peaks, "measure_cpu", measure)
     caplog.set_level(logging.INFO, logger="meshtrain")
     for _ in range(2):
         for name in PEAKS:
@@ -121,7 +121,7 @@ def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
     assert not peaks.cache_path().exists()
     # nor is what was measured while other processes took the cores (it reads low)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    monkeypatch.setattr(peaks, "_measure", lambda: (50e9, 1.5e9, 0.4))
+    monkeypatch.setattr(peaks, "measure_cpu", lambda: (50e9, 1.5e9, 0.4))
     for name in PEAKS:
         monkeypatch.delenv(name, raising=False)
     assert peaks.matmul_peaks() == (50e9, 1.5e9)
@@ -131,7 +131,7 @@ def test_peaks_are_measured_once_per_machine(monkeypatch, tmp_path, caplog):
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux's /proc/stat")
 def test_a_measurement_counts_what_other_processes_took(monkeypatch):
-    """_measure's third value: the share of the machine's CPU time others took while it ran
+    """measure_cpu's third value: the share of the machine's CPU time others took while it ran
     (one process spinning: about 1/cores)."""
     from meshtrain import peaks
 
@@ -139,7 +139,7 @@ def test_a_measurement_counts_what_other_processes_took(monkeypatch):
     spin = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
-        share = peaks._measure()[2]
+        share = peaks.measure_cpu()[2]
     finally:
         spin.kill()
     assert share > 0.5 / (os.cpu_count() or 1), share
