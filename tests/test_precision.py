@@ -142,4 +142,5 @@ def test_a_measurement_counts_what_other_processes_took(monkeypatch):
         share = peaks.measure_cpu()[2]
     finally:
         spin.kill()
+        spin.wait()
     assert share > 0.5 / (os.cpu_count() or 1), share
