@@ -248,21 +248,43 @@ def test_declared_config_waits_for_a_model_name():
     assert family.declared_config(SHARED, **{**ARGS, "name": "some/model"}) is None
 
 
-def test_schema_is_the_installed_transformers_or_is_not_used():
-    """schema.json describes the transformers this runs with; with another version installed
-    (CI takes the newest), check must not use it: every declared config declines, and
-    parse_config answers as before (regenerate: python -m meshtrain_models.schema)."""
-    import importlib.metadata
+def test_schema_is_the_installed_transformers():
+    """The schema `check` reads describes the transformers this runs with: schema.json where it
+    names that version (regenerate: python -m meshtrain_models.schema), else the cached one."""
+    from meshtrain_models.schema import build_schema
 
-    from meshtrain_models.schema import SCHEMA, build_schema
+    assert load_schema() == json.loads(json.dumps(build_schema()))
 
-    described = json.loads(SCHEMA.read_text())
-    if described["transformers"] == importlib.metadata.version("transformers"):
-        assert described == json.loads(json.dumps(build_schema()))
-    else:
-        assert load_schema() is None
+
+def test_another_transformers_is_described_once_and_cached(tmp_path, monkeypatch):
+    """A transformers release schema.json does not name: the first load describes it and caches
+    that in $MESHTRAIN_CACHE/schema/; the next load reads the file without describing again."""
+    from meshtrain_models import schema
+
+    real_version = schema.importlib.metadata.version
+    monkeypatch.setenv("MESHTRAIN_CACHE", str(tmp_path))
+    monkeypatch.setattr(
+        schema.importlib.metadata,
+        "version",
+        lambda name: "0.0.other" if name == "transformers" else real_version(name),
+    )
+    schema.load_schema.cache_clear()
+    try:
+        first = schema.load_schema()
+        cached = tmp_path / "schema" / "transformers-0.0.other.json"
+        assert first["transformers"] == "0.0.other" and json.loads(cached.read_text()) == first
+        assert set(first["configs"]) == set(json.loads(schema.SCHEMA.read_text())["configs"])
+
+        def fail() -> None:
+            raise AssertionError("described again instead of read from the cache")
+
+        monkeypatch.setattr(schema, "build_schema", fail)
+        schema.load_schema.cache_clear()
+        assert schema.load_schema() == first
         family = model_families()["llama"]
-        assert family.declared_config(SHARED, **ARGS) is None
+        assert type(family.declared_config(SHARED, **ARGS)[0]).__name__ == "DeclaredConfig"
+    finally:
+        schema.load_schema.cache_clear()
 
 
 def test_a_family_without_declared_parameters_is_counted_on_the_meta_model(tmp_path):

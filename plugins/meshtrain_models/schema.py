@@ -4,9 +4,10 @@ whose config classes import torch and torch.distributed.tensor (seconds; see dec
 
     python -m meshtrain_models.schema     # rewrite schema.json from the installed transformers
 
-schema.json names the transformers version it was taken from: with another one installed,
-`load_schema` gives None and the families parse with transformers itself. tests/test_declared.py
-checks that schema.json is what the installed transformers says.
+schema.json names the transformers version it was taken from. With another one installed (a
+new release), the first `load_schema` on a machine describes that one (importing transformers,
+once) and keeps it in the cache folder ($MESHTRAIN_CACHE/schema/), so later checks are fast again.
+tests/test_declared.py checks that the schema used is what the installed transformers says.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
+import os
 import typing
 from pathlib import Path
 from typing import Any
+
+from meshtrain.preflight import cache_dir
 
 SCHEMA = Path(__file__).with_name("schema.json")
 SIMPLE = {int: "int", float: "float", bool: "bool", str: "str", type(None): "None"}
@@ -25,13 +29,40 @@ SIMPLE = {int: "int", float: "float", bool: "bool", str: "str", type(None): "Non
 
 @functools.cache
 def load_schema() -> dict[str, Any] | None:
-    """schema.json, or None where the installed transformers is not the one it describes."""
+    """What the installed transformers' config classes are: schema.json where it describes that
+    version, else this machine's cached description (made on first use). None without
+    transformers, or where describing it failed (the families then parse with transformers)."""
     try:
         installed = importlib.metadata.version("transformers")
     except importlib.metadata.PackageNotFoundError:
         return None
     schema = json.loads(SCHEMA.read_text())
-    return schema if schema["transformers"] == installed else None
+    if schema["transformers"] == installed:
+        return schema
+    cached = cache_dir() / "schema" / f"transformers-{installed}.json"
+    try:
+        schema = json.loads(cached.read_text())
+        if schema.get("transformers") == installed:
+            return schema
+    except (OSError, ValueError):
+        pass
+    try:
+        schema = json.loads(json.dumps(build_schema()))
+    except (AttributeError, TypeError, ValueError):  # a release that renamed what describe reads
+        return None
+    _write(cached, schema)
+    return schema
+
+
+def _write(path: Path, schema: dict[str, Any]) -> None:
+    """Write atomically (workers may race); a read-only cache only costs the next check time."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(schema, sort_keys=True) + "\n")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def build_schema() -> dict[str, Any]:
