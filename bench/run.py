@@ -63,7 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="steps per scenario, >= 2 (default: 20 small, 5 ref, 2 startup)",
     )
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "results.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "bench" / "out" / "results.json",
+        help="the JSON results file, or a folder to write results.json in",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -76,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(
             f"unknown scenario(s) {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}"
         )
+    if args.out.is_dir():  # checked now: not after the whole run
+        args.out = args.out / "results.json"
     if args.steps is not None and args.steps < 2:
         parser.error("--steps must be >= 2 (step 1 is left out of the medians)")
     return args
