@@ -28,6 +28,7 @@ from meshtrain.contracts import (
 )
 from meshtrain.errors import ConfigError, UserError, first_line, suggest
 from meshtrain.hub import hub_offline, hub_problem, looks_like_hub_id, offline_error, require_hub
+from meshtrain.preflight import cache_dir
 
 _LAZY = {
     "ChannelShardedNorm": "meshtrain.tensor_parallel",
@@ -52,6 +53,7 @@ __all__ = [
     "StackedKeys",
     "StagePlan",
     "UserError",
+    "cache_dir",
     "first_line",
     "hookimpl",
     "hub_offline",

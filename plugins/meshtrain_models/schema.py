@@ -21,7 +21,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from meshtrain.preflight import cache_dir
+from meshtrain.api import cache_dir
 
 SCHEMA = Path(__file__).with_name("schema.json")
 SIMPLE = {int: "int", float: "float", bool: "bool", str: "str", type(None): "None"}
