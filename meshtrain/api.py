@@ -28,7 +28,7 @@ from meshtrain.contracts import (
 )
 from meshtrain.errors import ConfigError, UserError, first_line, suggest
 from meshtrain.hub import hub_offline, hub_problem, looks_like_hub_id, offline_error, require_hub
-from meshtrain.preflight import cache_dir
+from meshtrain.preflight import cache_dir, write_cache
 
 _LAZY = {
     "ChannelShardedNorm": "meshtrain.tensor_parallel",
@@ -63,6 +63,7 @@ __all__ = [
     "parse_section",
     "require_hub",
     "suggest",
+    "write_cache",
     *_LAZY,
 ]
 

@@ -24,7 +24,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from meshtrain.preflight import cache_dir
+from meshtrain.preflight import cache_dir, write_cache
 
 log = logging.getLogger("meshtrain")
 
@@ -168,9 +168,6 @@ def _read(path: Path) -> tuple[float, float]:
 
 def _write(path: Path, peaks: dict[str, float]) -> None:
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(peaks))
-        partial.replace(path)  # whole or not at all, whoever else writes it
+        write_cache(path, peaks)
     except OSError as err:  # a read-only cache costs a measurement per run, nothing else
         log.warning("could not cache the matmul peaks in %s: %s", path, err)

@@ -9,6 +9,7 @@ It also builds the DataContext every data source call gets (`context`, `cache_di
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +55,19 @@ def context(config: Config, vocab_size: int, dp_rank: int) -> DataContext:
 def cache_dir() -> Path:
     """Where data sources cache corpora and tokenizers ($MESHTRAIN_CACHE or ~/.cache/meshtrain)."""
     return Path(os.environ.get("MESHTRAIN_CACHE", Path.home() / ".cache" / "meshtrain"))
+
+
+def write_cache(path: Path, value: Any) -> None:
+    """Write `value` as JSON to `path`, whole or not at all, whoever else writes it; raises
+    OSError where it cannot (a cache that cannot be written only costs time)."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(value, sort_keys=True) + "\n")
+        partial.replace(path)
+    except OSError:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def run_problems(job: Job) -> list[str]:

@@ -16,12 +16,11 @@ import dataclasses
 import functools
 import importlib.metadata
 import json
-import os
 import typing
 from pathlib import Path
 from typing import Any
 
-from meshtrain.api import cache_dir
+from meshtrain.api import cache_dir, write_cache
 
 SCHEMA = Path(__file__).with_name("schema.json")
 SIMPLE = {int: "int", float: "float", bool: "bool", str: "str", type(None): "None"}
@@ -50,19 +49,11 @@ def load_schema() -> dict[str, Any] | None:
         schema = json.loads(json.dumps(build_schema()))
     except (AttributeError, TypeError, ValueError):  # a release that renamed what describe reads
         return None
-    _write(cached, schema)
-    return schema
-
-
-def _write(path: Path, schema: dict[str, Any]) -> None:
-    """Write atomically (workers may race); a read-only cache only costs the next check time."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(schema, sort_keys=True) + "\n")
-        tmp.replace(path)
+        write_cache(cached, schema)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass  # a read-only cache: the next check describes it again
+    return schema
 
 
 def build_schema() -> dict[str, Any]:
