@@ -38,12 +38,12 @@ def on_tcmalloc() -> Any:
     return mock.patch.dict(os.environ, malloc.worker_env(library) if library else {})
 
 
-def spawn_pair(worker: Any, out: Path) -> None:
-    """`worker(rank, port, str(out))` in 2 spawned processes, joined (each writes into `out`)."""
+def spawn_pair(worker: Any, out: Path, world: int = 2) -> None:
+    """`worker(rank, port, str(out), world)` in `world` spawned processes, joined (each writes
+    into `out`)."""
+    args = (free_port(), str(out), world)
     with on_tcmalloc():
-        mp.start_processes(
-            worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn", join=True
-        )
+        mp.start_processes(worker, args=args, nprocs=world, start_method="spawn", join=True)
 
 
 def run_world(world: int, runs: list[tuple[str, list[str]]], out: Path) -> list[list[dict]]:

@@ -23,7 +23,7 @@ SCALE = 0.37
 
 
 def test_fused_loss_is_cross_entropy_of_the_whole_logits(tmp_path):
-    spawn_pair(_worker, tmp_path)
+    spawn_pair(_worker, tmp_path, WORLD)
     for rank in range(WORLD):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case in CASES:
@@ -33,7 +33,7 @@ def test_fused_loss_is_cross_entropy_of_the_whole_logits(tmp_path):
             assert grad_error < (1e-2 if case == "bf16" else 1e-6), (case, grad_error)
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, world: int) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -41,8 +41,8 @@ def _worker(rank: int, port: int, out: str) -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     fused_calls = []
     original = cross_entropy._VocabParallel.apply
     cross_entropy._VocabParallel.apply = lambda *a: fused_calls.append(1) or original(*a)

@@ -1,5 +1,6 @@
 """FSDP2's gloo collectives (meshtrain.fsdp_comms) give exactly what gloo's own all-gather and
-reduce-scatter give, in place, and free the reduce-scatter input they are done with."""
+reduce-scatter give, in place, and free the reduce-scatter input they are done with: at dp 2
+(the reduce-scatter receives into its output) and at 3 (into a buffer of its own)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,11 @@ from tests.spawn import spawn_pair
 
 pytestmark = pytest.mark.dist
 
-WORLD = 2
 
-
-def test_gloo_comms_match_gloo_collectives(tmp_path):
-    spawn_pair(_worker, tmp_path)
-    for rank in range(WORLD):
+@pytest.mark.parametrize("world", [2, 3])
+def test_gloo_comms_match_gloo_collectives(tmp_path, world):
+    spawn_pair(_worker, tmp_path, world)
+    for rank in range(world):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert found == {
             "gather_equal": True,
@@ -31,21 +31,21 @@ def test_gloo_comms_match_gloo_collectives(tmp_path):
         }
 
 
-def _worker(rank: int, port: int, out: str) -> None:
-    from meshtrain.fsdp_comms import AllReduceScatter, BroadcastAllGather
+def _worker(rank: int, port: int, out: str, world: int) -> None:
+    from meshtrain.fsdp_comms import BroadcastAllGather, ExchangeReduceScatter
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     group = dist.group.WORLD
     generator = torch.Generator().manual_seed(rank)
     found = {}
 
     # All-gather, as FSDP2 calls it: the input is this rank's slice of the output.
     shard = torch.randn(1000, generator=generator)
-    expected = torch.empty(WORLD * 1000)
+    expected = torch.empty(world * 1000)
     dist.all_gather_into_tensor(expected, shard)
-    output = torch.empty(WORLD * 1000)
+    output = torch.empty(world * 1000)
     mine = output[rank * 1000 : (rank + 1) * 1000]
     mine.copy_(shard)
     pointer = mine.data_ptr()
@@ -54,12 +54,12 @@ def _worker(rank: int, port: int, out: str) -> None:
     found["gather_in_place"] = output[rank * 1000 :].data_ptr() == pointer
 
     # Reduce-scatter, summed and averaged (what FSDP2 asks of gloo in fp32).
-    full = torch.randn(WORLD * 1000, generator=generator)
+    full = torch.randn(world * 1000, generator=generator)
     for op, key in ((dist.ReduceOp.SUM, "sum_equal"), (dist.ReduceOp.AVG, "avg_equal")):
         expected = torch.empty(1000)
         dist.reduce_scatter_tensor(expected, full.clone(), op=op)
         got, given = torch.empty(1000), full.clone()
-        AllReduceScatter()(got, given, group, op)
+        ExchangeReduceScatter()(got, given, group, op)
         found[key] = torch.allclose(got, expected, rtol=0, atol=1e-6)
         found["input_freed"] = given.untyped_storage().nbytes() == 0
     Path(out, f"rank{rank}.json").write_text(json.dumps(found))
