@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from fresh_memory import measure as measure_memory
 from runner import (
     measure_machine,
     report_failure,
@@ -101,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: other processes took {machine['others_share']:.0%} of the CPUs while the "
             "peaks were measured: they read low, and MFU high"
         )
+    machine["memory"] = memory = measure_memory()
+    reporting = ", ".join(f"{k} {v}" for k, v in memory["page_reporting"].items()) or "none"
+    _say(
+        f"fresh memory {memory['fresh_gib_s']:.1f} GiB/s, memory a process holds "
+        f"{memory['warm_gib_s']:.1f} (bench/fresh_memory.py); free page reporting: {reporting}"
+    )
     summaries, runs = {}, {}
     commands = {name: time_command(command) for name, command in COMMANDS.items()}
     _say("wall s, best of 3: " + ", ".join(f"{n} {s:.2f}" for n, s in commands.items()))
