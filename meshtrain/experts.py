@@ -47,21 +47,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
+from meshtrain.expert_stats import CLOCK, ExpertStats, counting
+
 EXPERT_WEIGHTS = ("experts.gate_up_proj", "experts.down_proj")
-_UNCOUNTED = threading.local()
-
-
-@contextlib.contextmanager
-def uncounted() -> Iterator[None]:
-    """Forwards that are not training (the pipeline's shape inference on empty tensors) leave
-    the expert load and aux loss metrics alone."""
-    _UNCOUNTED.active = True
-    try:
-        yield
-    finally:
-        _UNCOUNTED.active = False
-
-
 _BALANCED = threading.local()
 
 
@@ -125,22 +113,6 @@ class ExpertParallel:
         module.experts.forward = partial(_run_experts, module.experts)
 
 
-@dataclass
-class ExpertStats:
-    """Summed since the last `reset`: slots routed to each expert, and the aux loss."""
-
-    tokens: torch.Tensor
-    aux: torch.Tensor
-
-    @classmethod
-    def zeros(cls, num_experts: int, device: torch.device) -> ExpertStats:
-        return cls(torch.zeros(num_experts, device=device), torch.zeros((), device=device))
-
-    def reset(self) -> None:
-        self.tokens.zero_()
-        self.aux.zero_()
-
-
 def expert_weight_ids(stages: list[nn.Module], plans: list[Any]) -> set[int]:
     """id() of every expert weight (split over ep) in `stages`, from their StagePlans."""
     return {
@@ -198,7 +170,7 @@ def _forward(
     aux = _aux_loss(probs, chosen, sequence, batch, full_length, style, tp_mesh)
     # Counted once per training forward: not the pipeline's shape inference (`uncounted`), not
     # activation checkpointing's recompute (inside backward).
-    counted = not getattr(_UNCOUNTED, "active", False)
+    counted = counting()
     if module.training and counted and torch._C._current_graph_task_id() == -1:
         if module.moe_stats is None:
             module.moe_stats = ExpertStats.zeros(style.num_experts, h.device)
@@ -250,7 +222,7 @@ def _exchange(
     start = time.perf_counter()
     received = torch.empty_like(per_rank)
     dist.all_to_all_single(received, per_rank, group=group)  # [source rank, local expert]
-    _CLOCK.seconds += time.perf_counter() - start
+    CLOCK.seconds += time.perf_counter() - start
     local_experts = received.shape[1]
     if _balanced():  # every rank sends every rank its experts' even share
         mine = _even(sent.shape[0], counts.numel())[:local_experts]
@@ -326,15 +298,8 @@ def _all_to_all(x: torch.Tensor, out_sizes: list, in_sizes: list, group: Any) ->
     out = x.new_empty((sum(out_sizes), *x.shape[1:]))
     start = time.perf_counter()
     dist.all_to_all_single(out, x.contiguous(), out_sizes, in_sizes, group=group)
-    _CLOCK.seconds += time.perf_counter() - start  # wall time: complete on gloo, not on NCCL
+    CLOCK.seconds += time.perf_counter() - start
     return out
-
-
-class _Clock:
-    seconds = 0.0
-
-
-_CLOCK = _Clock()
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -350,33 +315,3 @@ class _AttachLoss(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         (loss,) = ctx.saved_tensors
         return grad, torch.ones_like(loss)
-
-
-def step_stats(
-    blocks: list[tuple[nn.Module, ExpertParallel]],
-    moe_layers: int,
-    num_experts: int,
-    sequences: int,
-    device: torch.device,
-) -> dict[str, float]:
-    """The last step's expert load, aux loss and all-to-all seconds (mean per rank) over the
-    world, then reset: one all-reduce that every rank joins (MoE blocks on its stages or not).
-    `sequences`: the global batch."""
-    table = torch.zeros(moe_layers * num_experts + 2, dtype=torch.float64, device=device)
-    table[-2], _CLOCK.seconds = _CLOCK.seconds, 0.0
-    for module, style in blocks:
-        stats = module.moe_stats
-        if stats is None:
-            continue
-        start = style.layer * num_experts
-        table[start : start + num_experts] += stats.tokens
-        table[-1] += stats.aux
-        stats.reset()
-    dist.all_reduce(table)
-    tokens = table[:-2].view(moe_layers, num_experts)  # top-k slots per layer and expert
-    return {
-        "aux_loss": float(table[-1]) / (moe_layers * sequences),
-        "all_to_all_s": float(table[-2]) / dist.get_world_size(),
-        "expert_tokens_max": float(tokens.max()),
-        "expert_tokens_mean": float(tokens.mean()),
-    }

@@ -46,7 +46,7 @@ def build_pipeline_stages(
     """Wrap stage modules for the schedule; shapes are inferred on the first step (a forward
     on empty tensors that MoE metrics must not count). `sync_each_microbatch`: FSDP2 reduces
     gradients after every micro-batch (parallel.grad_sync), not once at REDUCE_GRAD."""
-    from meshtrain.experts import uncounted
+    from meshtrain.expert_stats import uncounted
 
     kind = _stage_class(sync_each_microbatch)
     wrapped = []

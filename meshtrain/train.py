@@ -21,7 +21,7 @@ from meshtrain import checkpoint, liveness, preflight, resume
 from meshtrain.comm_time import CommTimer, seconds_by_pp_rank
 from meshtrain.comms import CommCounter, axis_names, by_pp_rank
 from meshtrain.contracts import DataContext
-from meshtrain.experts import step_stats
+from meshtrain.expert_stats import step_stats
 from meshtrain.grads import finish_grads, share_tied
 from meshtrain.job import Job
 from meshtrain.mesh import Mesh, init_mesh

@@ -119,7 +119,7 @@ def test_moe_blocks_as_meshtrain_runs_them_give_transformers_logits(family, mesh
     """The whole model with every MoE block run by meshtrain's ExpertParallel (ep 1, tp 1)
     gives transformers' logits; the plan names exactly the MoE layers (not Qwen3-MoE's dense
     layer 1)."""
-    from meshtrain.experts import uncounted
+    from meshtrain.expert_stats import uncounted
 
     reference = random_model(family)
     impl = family_of(family)
