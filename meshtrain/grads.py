@@ -1,6 +1,6 @@
 """Finish the gradients of one step, in one place, in this order:
 
-    align placements -> average over dp (unless FSDP2 did) -> sum tied copies into the source
+    align placements -> sum tied copies into the source -> average over dp (unless FSDP2 did)
     -> global norm over every axis -> clip
 
 and, after the optimizer step, `share_tied`: a tied pair (the embedding and the head on another
@@ -62,10 +62,10 @@ def finish_grads(state: GradState, max_norm: float) -> torch.Tensor:
     """Make every gradient final and clipped; returns the global gradient norm (before clip, a
     0-d fp64 tensor: reading it is the caller's sync)."""
     align_placements(state.params)
+    for tie in state.ties:  # first: a copy's gradient, summed into its source, is not averaged
+        sum_tied(tie)
     for r in state.reductions:
         average(r.params, r.group, r.size, r.divisor)
-    for tie in state.ties:
-        sum_tied(tie)
     square = weighted_square_norm(state.params, state.norm_weights)
     dist.all_reduce(square)
     norm = square.sqrt()
