@@ -16,6 +16,11 @@ an 8-worker run here went to page faults (perf). Two answers:
   (RETAINED). It is not a Python package: the launcher preloads the system's library
   (Debian/Ubuntu `libtcmalloc-minimal4`, or gperftools) into the forkserver its workers fork from.
 
+How much the faults cost depends on the machine more than on meshtrain: in a VM whose kernel
+reports free memory to the host (virtio-balloon free page reporting), a freed 2 MiB block goes
+back to the host and is backed again at the next touch, 0.6 GiB/s against 8.3 for memory a process
+holds on session 11's machine (`bench/fresh_memory.py`; `bench/run.py` prints it).
+
 Both are set through the environment, which a process reads at startup: a world of one
 re-executes itself with it.
 """
