@@ -148,8 +148,28 @@ def weighted_square_norm(params: list, weights: list[float]) -> torch.Tensor:
     total = torch.zeros((), dtype=torch.float64, device=device)
     for p, w in zip(params, weights, strict=True):
         if w and p.grad is not None:
-            total += w * local_grad(p).detach().double().square().sum()
+            total += w * square_sum(local_grad(p).detach())
     return total
+
+
+ROW = 1024
+
+
+def square_sum(g: torch.Tensor) -> torch.Tensor:
+    """sum(g**2) in fp64 without a copy of `g`. On CPU, rows of ROW elements are squared and
+    summed by one batched matmul and the rows' sums added in fp64 (within 1e-9 of an fp64
+    sum). `g.double().square()` made two fp64 copies of every gradient: 0.22 CPU-s a step on
+    a first-stage rank of the reference run, 1.7-2.2 in one process, against 0.025 and 0.16-0.19
+    now (session 11's machine, where fresh memory is slow: bench/fresh_memory.py). Elsewhere
+    (CUDA casts as it reads) a norm in fp64."""
+    flat = g.reshape(-1)
+    whole = flat.numel() // ROW * ROW
+    exact = flat.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
+    if flat.device.type != "cpu" or not exact or whole == 0:
+        return torch.linalg.vector_norm(flat, dtype=torch.float64).square()
+    rows = flat[:whole].view(-1, 1, ROW)
+    total = torch.bmm(rows, rows.transpose(1, 2)).sum(dtype=torch.float64)
+    return total + torch.linalg.vector_norm(flat[whole:], dtype=torch.float64).square()
 
 
 def clip(params: list, total_norm: torch.Tensor, max_norm: float) -> None:
