@@ -4,9 +4,9 @@
 
 A page a process touches for the first time is faulted in and zeroed by the kernel. Under a
 hypervisor with free page reporting (virtio-balloon), memory the guest's kernel has had free for
-a while is handed back to the host, and the host backs it again on the next touch: the machine of
-session 11 (a 2-core Intel Xeon VM, reporting 2 MiB blocks as soon as they are free) filled fresh
-memory at 1-2 GiB/s against 16 GiB/s for memory it held. `run.malloc = "system"` gives freed
+a while is handed back to the host, and the host backs it again on the next touch: on the machine
+of session 11 (a 2-core Intel Xeon VM, reporting 2 MiB blocks as soon as they are free) this
+measured 0.6 GiB/s fresh against 8.3 for memory it held. `run.malloc = "system"` gives freed
 blocks back at once, so this rate prices every fresh activation, gathered weight and gradient of
 a step; tcmalloc keeps them (meshtrain/malloc.py). `bench/run.py` prints it in its header.
 """

@@ -38,7 +38,7 @@ def on_tcmalloc() -> Any:
     return mock.patch.dict(os.environ, malloc.worker_env(library) if library else {})
 
 
-def spawn_pair(worker: Any, out: Path, world: int = 2) -> None:
+def spawn_ranks(worker: Any, out: Path, world: int = 2) -> None:
     """`worker(rank, port, str(out), world)` in `world` spawned processes, joined (each writes
     into `out`)."""
     args = (free_port(), str(out), world)

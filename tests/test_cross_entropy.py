@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tests.spawn import spawn_pair
+from tests.spawn import spawn_ranks
 
 pytestmark = pytest.mark.dist
 
@@ -23,7 +23,7 @@ SCALE = 0.37
 
 
 def test_fused_loss_is_cross_entropy_of_the_whole_logits(tmp_path):
-    spawn_pair(_worker, tmp_path, WORLD)
+    spawn_ranks(_worker, tmp_path, WORLD)
     for rank in range(WORLD):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case in CASES:

@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.spawn import spawn_pair
+from tests.spawn import spawn_ranks
 
 pytestmark = pytest.mark.dist
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_gloo_comms_match_gloo_collectives(tmp_path, world):
-    spawn_pair(_worker, tmp_path, world)
+    spawn_ranks(_worker, tmp_path, world)
     for rank in range(world):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert found == {
