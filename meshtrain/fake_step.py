@@ -38,7 +38,6 @@ from meshtrain.optim import build_optimizer
 from meshtrain.pipeline import before_backward
 from meshtrain.stages import stage_ranks
 from meshtrain.step import Stepper, TokenLoss
-from meshtrain.tensor_parallel import loss_context
 
 
 @dataclass(frozen=True)
@@ -122,7 +121,7 @@ def _step(job: Job, mesh: Mesh, model: ParallelModel, boundary: dict[str, Any]) 
         model, mesh, job.schedule, train.grad_acc, autocast, False, job.sync_each_microbatch
     )
     stepper.loss_fn.scale = 1.0 / rows / train.seq_len
-    with loss_context(mesh.size("tp")), stepper.autocast:
+    with stepper.autocast:
         if mesh.size("pp") == 1:
             stepper.forward_backward(inputs, labels)
         else:

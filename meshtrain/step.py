@@ -23,7 +23,6 @@ from meshtrain.mesh import Mesh
 from meshtrain.model import ParallelModel
 from meshtrain.pipeline import build_pipeline_stages, forward_sweep
 from meshtrain.stages import stage_ranks
-from meshtrain.tensor_parallel import loss_context
 
 
 class TokenLoss:
@@ -87,7 +86,7 @@ class Stepper:
         tokens = (labels != IGNORE_INDEX).sum()
         dist.all_reduce(tokens, group=self.mesh.group("dp"))
         self.loss_fn.scale = self.mesh.size("dp") / max(int(tokens), 1)
-        with loss_context(self.mesh.size("tp")), self.autocast:
+        with self.autocast:
             loss = self.forward_backward(inputs, labels)
         return loss, int(tokens)
 
@@ -115,7 +114,7 @@ class Stepper:
         for stage in stages:
             stage.eval()
         try:
-            with torch.no_grad(), loss_context(self.mesh.size("tp")), self.autocast:
+            with torch.no_grad(), self.autocast:
                 if self.schedule is None:
                     (stage,) = stages
                     total = torch.zeros((), device=inputs.device)

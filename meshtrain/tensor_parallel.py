@@ -1,15 +1,14 @@
-"""Tensor parallel pieces the plans use: the vocab-parallel embedding and the parallel loss.
+"""Tensor parallel pieces the plans use beside torch's styles.
 
-The head returns logits sharded over the vocabulary (Shard(-1)); `loss_parallel` computes the
-cross-entropy from those shards without gathering full-vocabulary logits on any rank. The
-embedding is split over the vocabulary by `VocabParallelEmbedding`, whose backward produces only
-the local shard's gradient. Key/value projections go through `KeyValueParallel`, which also
+The head returns logits sharded over the vocabulary (Shard(-1)); meshtrain.cross_entropy computes
+the loss from those shards without gathering full-vocabulary logits on any rank. The embedding is
+split over the vocabulary by `VocabParallelEmbedding`, whose backward produces only the local
+shard's gradient. Key/value projections go through `KeyValueParallel`, which also
 serves models with fewer key/value heads than tp ranks (replicated, each rank using its own head).
 """
 
 from __future__ import annotations
 
-import contextlib
 from functools import partial
 from typing import Any
 
@@ -25,12 +24,7 @@ from torch.distributed.tensor import (
     Shard,
     distribute_tensor,
 )
-from torch.distributed.tensor.parallel import ParallelStyle, loss_parallel
-
-
-def loss_context(tp: int) -> contextlib.AbstractContextManager:
-    """Wraps forward and backward: vocab-parallel cross-entropy when tp > 1."""
-    return loss_parallel() if tp > 1 else contextlib.nullcontext()
+from torch.distributed.tensor.parallel import ParallelStyle
 
 
 class VocabParallelEmbedding(ParallelStyle):

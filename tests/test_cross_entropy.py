@@ -1,6 +1,7 @@
-"""The fused vocab-parallel cross-entropy (meshtrain.cross_entropy) gives F.cross_entropy's loss
-and gradients on the whole logits: even and uneven vocabulary splits, ignored labels, bf16
-logits, and the fallback for logits it does not fuse."""
+"""The chunked cross-entropy (meshtrain.cross_entropy) gives F.cross_entropy's loss and gradients
+on the whole logits: even and uneven vocabulary splits (one leaving a rank no columns), ignored
+labels, bf16 logits, replicated logits, logits of another placement (gathered whole), several
+chunks per rank. A leaf's logits are left as they were."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from tests.spawn import spawn_ranks
 pytestmark = pytest.mark.dist
 
 WORLD = 2
-CASES = ("even", "uneven", "bf16", "replicated")
+CASES = ("even", "uneven", "no-columns", "bf16", "replicated", "batch-sharded")
+VOCAB = {"uneven": 97, "no-columns": 1}
 SCALE = 0.37
 
 
@@ -28,7 +30,7 @@ def test_fused_loss_is_cross_entropy_of_the_whole_logits(tmp_path):
         found = json.loads((tmp_path / f"rank{rank}.json").read_text())
         for case in CASES:
             loss_error, grad_error, fused = found[case]
-            assert fused == (case != "replicated"), case
+            assert fused, case  # every placement goes through the chunked function
             assert loss_error < 1e-6, (case, loss_error)
             assert grad_error < (1e-2 if case == "bf16" else 1e-6), (case, grad_error)
 
@@ -44,19 +46,21 @@ def _worker(rank: int, port: int, out: str, world: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     fused_calls = []
-    original = cross_entropy._VocabParallel.apply
-    cross_entropy._VocabParallel.apply = lambda *a: fused_calls.append(1) or original(*a)
+    original = cross_entropy._CrossEntropy.apply
+    cross_entropy._CrossEntropy.apply = lambda *a: fused_calls.append(1) or original(*a)
+    cross_entropy.CHUNK_BYTES = 3 * 48 * 4  # chunks of 3 rows of the 48 or 49 local columns
     found = {}
     for case in CASES:
-        vocab = 97 if case == "uneven" else 96
+        vocab = VOCAB.get(case, 96)
         generator = torch.Generator().manual_seed(0)  # the same logits on both ranks
         whole = 4 * torch.randn(2, 5, vocab, generator=generator)
         labels = torch.randint(0, vocab, (2, 5), generator=generator)
         labels[0, 1] = labels[1, 4] = -100
         dtype = torch.bfloat16 if case == "bf16" else torch.float32
         whole = whole.to(dtype)
-        placement = Replicate() if case == "replicated" else Shard(2)
+        placement = {"replicated": Replicate(), "batch-sharded": Shard(0)}.get(case, Shard(2))
         logits = distribute_tensor(whole, mesh, [placement]).requires_grad_()
+        before = logits.full_tensor().clone()
         calls = len(fused_calls)
         loss = cross_entropy.token_cross_entropy(logits, labels)
         (loss * SCALE).backward()  # as grad_acc scales it
@@ -66,8 +70,9 @@ def _worker(rank: int, port: int, out: str, world: int) -> None:
         )
         (expected * SCALE).backward()
         grad = logits.grad.full_tensor()
+        assert torch.equal(logits.full_tensor(), before), case  # a leaf is not overwritten
         found[case] = (
-            abs(float(loss) - float(expected)) / abs(float(expected)),
+            abs(float(loss) - float(expected)) / max(abs(float(expected)), 1.0),
             float((grad.float() - reference.grad.float()).abs().max()),
             len(fused_calls) > calls,
         )

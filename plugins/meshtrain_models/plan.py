@@ -8,8 +8,9 @@ attention), each rank then computing only the head its query heads use; `Attenti
 the attention the matching head counts. Phi-3's fused projections ([Q | K | V], [gate | up]) go
 through `FusedColwiseParallel`, which hands each rank its part of every block. The embedding is
 split over the vocabulary (scaled by sqrt(hidden) where the model's embedding does so, as
-Gemma's) and the head column-wise with vocab-sharded logits, so the loss runs under
-`loss_parallel` and no rank ever holds full-vocabulary logits. Per-head norms of q and k (Qwen3)
+Gemma's) and the head column-wise with vocab-sharded logits, so the loss
+(meshtrain.cross_entropy) runs on each rank's columns and no rank ever holds full-vocabulary
+logits. Per-head norms of q and k (Qwen3)
 see only the local heads: their weights are replicated and their gradients summed over tp. FSDP
 units are the embedding, the decoder blocks and the head; activation-checkpoint units the
 blocks.
