@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.distributed as dist
 from meshtrain import checkpoint, liveness, preflight, resume
 from meshtrain.comm_time import CommTimer, seconds_by_pp_rank
 from meshtrain.comms import CommCounter, axis_names, by_pp_rank
-from meshtrain.contracts import DataContext
+from meshtrain.evaluate import eval_due, evaluate
 from meshtrain.expert_stats import step_stats
 from meshtrain.grads import finish_grads, share_tied
 from meshtrain.job import Job
@@ -118,6 +117,7 @@ def build_trainer(job: Job) -> Trainer:
     weights = "none" if resume_from else "pretrained" if cfg.model.pretrained else "init"
     model = build_parallel_model(job, mesh, weights=weights)
     optimizer = build_optimizer(model.stepped, cfg.train)
+    context = preflight.context(cfg, job.shape.vocab_size, mesh.dp_rank)
     trainer = Trainer(
         job=job,
         mesh=mesh,
@@ -132,7 +132,7 @@ def build_trainer(job: Job) -> Trainer:
         ),
         optimizer=optimizer,
         lr_schedule=build_lr_schedule(optimizer, cfg.train),
-        data=Prefetcher(job.source.open(job.data_options, data_context(job, mesh.dp_rank))),
+        data=Prefetcher(job.source.open(job.data_options, context)),
         peak_flops=peak_flops(mesh, cfg.train.precision),
         base_mem_gib=base_mem_gib,
     )
@@ -196,41 +196,6 @@ def _compile_seconds() -> float:
     total = sum(compilation_time_metrics.get("_compile.compile_inner", []))  # each frame's whole
     compilation_time_metrics.clear()
     return total
-
-
-def eval_due(cfg: Any, step: int, saving: bool) -> bool:
-    """Whether `[eval]` asks for an evaluation after `step`."""
-    e = cfg.eval
-    return (
-        bool(e.every and step % e.every == 0)
-        or (e.at_end and step == cfg.train.steps)
-        or (e.at_checkpoint and saving)
-    )
-
-
-def evaluate(t: Trainer) -> dict:
-    """The mean cross-entropy over every target token of the first `eval.steps` global batches
-    of the held-out stream (the same batches at every evaluation, in every layout)."""
-    cfg, mesh = t.job.config, t.mesh
-    start = time.perf_counter()
-    stream = t.job.source.open_eval(t.job.data_options, data_context(t.job, mesh.dp_rank))
-    summed = torch.zeros((), dtype=torch.float64, device=mesh.device)
-    tokens = 0
-    for _ in range(cfg.eval.steps):
-        loss, count = t.stepper.evaluate(stream.next_batch())
-        summed += loss.double()
-        tokens += count
-    # Only one rank per dp replica (last stage, tp rank 0) reports; the world sum is the dp sum.
-    if not (t.model.last and mesh.tp_rank == 0):
-        summed.zero_()
-    dist.all_reduce(summed)
-    loss = float(summed) / max(tokens, 1)
-    return {
-        "eval_loss": loss,
-        "eval_ppl": math.exp(min(loss, 700.0)),
-        "eval_tokens": tokens,
-        "eval_time_s": time.perf_counter() - start,
-    }
 
 
 def _global_stats(t: Trainer, loss: torch.Tensor, cpu_start: float, wait_s: float) -> dict:
@@ -300,8 +265,3 @@ def _states(t: Trainer) -> dict[str, Any]:
         "model": checkpoint.ModelState(t.model.stages, tied),
         "optim": checkpoint.OptimizerState(t.model.stages, t.optimizer, tied),
     }
-
-
-def data_context(job: Job, dp_rank: int) -> DataContext:
-    """The DataContext of dp rank `dp_rank` of `job`."""
-    return preflight.context(job.config, job.shape.vocab_size, dp_rank)

@@ -196,7 +196,7 @@ def test_export_of_sharded_checkpoint_computes_the_same_loss(runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from meshtrain.job import resolve_job
-    from meshtrain.train import data_context
+    from meshtrain.preflight import context
 
     run_dir, out = runs["dirs"]["full"], tmp_path / "hf"
     assert main(["export", str(step_dir(run_dir, 2)), str(out)]) == 0
@@ -204,7 +204,9 @@ def test_export_of_sharded_checkpoint_computes_the_same_loss(runs, tmp_path):
     assert AutoTokenizer.from_pretrained(out).vocab_size <= 2048
     model = AutoModelForCausalLM.from_pretrained(out)
     job = resolve_job(load_config(Path(CONFIG), overrides(SINGLE, run_dir)))
-    ctx = dataclasses.replace(data_context(job, 0), micro_batch_size=4, grad_acc=1)
+    ctx = dataclasses.replace(
+        context(job.config, job.shape.vocab_size, 0), micro_batch_size=4, grad_acc=1
+    )
     stream = job.source.open(job.data_options, ctx)
     for _ in range(3):
         inputs, labels = stream.next_batch()  # (4, T) each: the global batch of step 3
