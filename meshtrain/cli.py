@@ -110,7 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from meshtrain import malloc
     from meshtrain.config import load_config
     from meshtrain.job import device_type, resolve_job
-    from meshtrain.launch import launch  # the heavy part; `check` works without it
+    from meshtrain.launch import launch, started_by_launcher  # `check` works without it
 
     # Under torchrun or srun every worker runs this command: the file checks run once per node,
     # on local rank 0, which also prepares the data (the others would only repeat them).
@@ -118,7 +118,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     # the family may answer from its declared config, without importing the model's code.
     once_per_node = int(os.environ.get("LOCAL_RANK", "0")) == 0
     config = load_config(args.config, args.overrides)
-    if config.world_size == 1 and "RANK" not in os.environ and args.own_process:
+    # A process that trains (a world of one, or a worker torchrun or srun started) takes its
+    # malloc from the environment at startup: it restarts itself on run.malloc's choice.
+    if args.own_process and (config.world_size == 1 or started_by_launcher()):
         malloc.apply_here(malloc.choose(config.run.malloc, device_type(config.run.device)))
     job = resolve_job(config, preflight=once_per_node, declared=config.world_size > 1)
     return int(launch(job) or 0)

@@ -233,13 +233,15 @@ def _failure_text(failure: object) -> str:
     return str(message).strip().splitlines()[-1] if str(message).strip() else "unknown error"
 
 
+def started_by_launcher() -> bool:
+    """Whether torchrun or srun (one task per worker) started this process as one worker."""
+    slurm = "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    return "RANK" in os.environ or slurm
+
+
 def _slurm_to_torchrun_env() -> None:
     """Under srun, map Slurm's ids to the variables torch.distributed reads."""
-    if (
-        "SLURM_PROCID" in os.environ
-        and "RANK" not in os.environ
-        and int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    ):
+    if "RANK" not in os.environ and started_by_launcher():
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")

@@ -21,7 +21,8 @@ reports free memory to the host (virtio-balloon free page reporting), a freed 2 
 back to the host and is backed again at the next touch, 0.6 GiB/s against 8.3 for memory a process
 holds on session 11's machine (`bench/fresh_memory.py`; `bench/run.py` prints it).
 
-Both are set through the environment, which a process reads at startup: a world of one
+Both are set through the environment, which a process reads at startup: meshtrain's own
+launcher starts its workers with it; a world of one, and each worker torchrun or srun started,
 re-executes itself with it.
 """
 

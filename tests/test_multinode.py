@@ -145,6 +145,17 @@ def test_two_nodes_give_the_single_launcher_losses(reference, tmp_path):
         assert len(re.findall(r"data: \d+ documents -> \d+ tokens", log)) == 2  # train + held out
     digests = [tokens_digest(tmp_path / f"cache{n}") for n in (0, 1)]
     assert digests[0] == digests[1] and len(digests[0]) == 2
+    assert_workers_on_chosen_malloc(run_dir)
+
+
+def assert_workers_on_chosen_malloc(run_dir: Path) -> None:
+    """Workers torchrun or srun started restarted themselves on run.malloc "auto"'s choice."""
+    from meshtrain.malloc import find_tcmalloc
+
+    expected = "malloc libtcmalloc" if find_tcmalloc() else "malloc system)"
+    for rank in range(8):
+        text = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert expected in text, (rank, text[:2000])
 
 
 def test_a_lost_node_is_named_and_a_restart_resumes(reference, tmp_path):
@@ -238,6 +249,7 @@ def test_sbatch_script_and_srun_give_the_single_launcher_losses(reference, slurm
         timeout=900,
     )
     assert tasks.returncode == 0, tasks.stderr[-3000:]
+    assert_workers_on_chosen_malloc(tmp_path / "srun")
     assert "Traceback" not in tasks.stderr and "timed out" not in tasks.stderr
     for run in ("sbatch", "srun"):
         got = losses(tmp_path / run)
