@@ -1,18 +1,19 @@
 """The StagePlan of a LLaMA-layout decoder stage.
 
 Tensor parallel is Megatron-style: q/k/v/gate/up split column-wise (output features, biases with
-them), o/down row-wise (input features), so each block needs one all-reduce forward and one
-backward. Key/value projections go through `KeyValueParallel`: split like q when tp divides the
+them), o/down row-wise (input features), so attention and MLP each need one all-reduce forward
+and one backward: q/k/v (gate/up) take one replicated DTensor input, whose summed gradient is
+reduced once (torch's styles alone reduce each projection's: 5 backward all-reduces a block, 2
+now). Key/value projections go through `KeyValueParallel`: split like q when tp divides the
 key/value heads, replicated when there are fewer key/value heads than tp ranks (multi-query
 attention), each rank then computing only the head its query heads use; `AttentionHeads` gives
 the attention the matching head counts. Phi-3's fused projections ([Q | K | V], [gate | up]) go
 through `FusedColwiseParallel`, which hands each rank its part of every block. The embedding is
 split over the vocabulary (scaled by sqrt(hidden) where the model's embedding does so, as
-Gemma's) and the head column-wise with vocab-sharded logits, so the loss
-(meshtrain.cross_entropy) runs on each rank's columns and no rank ever holds full-vocabulary
-logits. Per-head norms of q and k (Qwen3)
-see only the local heads: their weights are replicated and their gradients summed over tp. FSDP
-units are the embedding, the decoder blocks and the head; activation-checkpoint units the
+Gemma's) and the head column-wise with vocab-sharded logits, so the loss (meshtrain.cross_entropy)
+runs on each rank's columns and no rank ever holds full-vocabulary logits. Per-head norms of q and
+k (Qwen3) see only the local heads: their weights are replicated and their gradients summed over
+tp. FSDP units are the embedding, the decoder blocks and the head; activation-checkpoint units the
 blocks.
 """
 
@@ -98,16 +99,19 @@ def _block(
 ) -> dict[str, Any]:
     heads = attention.config.num_attention_heads
     kv_heads = attention.config.num_key_value_heads
-    # hidden_states arrives as a keyword: under sequence parallel, gather it before q/k/v.
+    # The input of q/k/v (a keyword, hidden_states) and of gate/up becomes one replicated DTensor
+    # before the projections (under sequence parallel, by a gather): backward sums their partial
+    # input gradients and reduces them over tp once per module, not once per projection.
     gather = PrepareModuleInput(
-        input_kwarg_layouts={"hidden_states": Shard(1)},
+        input_kwarg_layouts={"hidden_states": between},
         desired_input_kwarg_layouts={"hidden_states": Replicate()},
     )
     styles = {
-        f"{prefix}.self_attn": AttentionHeads(
-            heads, kv_heads, gather if sequence_parallel else None
-        ),
+        f"{prefix}.self_attn": AttentionHeads(heads, kv_heads, gather),
         f"{prefix}.self_attn.o_proj": RowwiseParallel(output_layouts=between),
+        f"{prefix}.mlp": PrepareModuleInput(
+            input_layouts=(between,), desired_input_layouts=(Replicate(),)
+        ),
         f"{prefix}.mlp.down_proj": RowwiseParallel(output_layouts=between),
     }
     if hasattr(attention, "qkv_proj"):  # Phi-3: [Q | K | V] and [gate | up] in one Linear each
@@ -137,14 +141,9 @@ def _sequence_parallel(layer: nn.Module, prefix: str) -> dict[str, Any]:
     norms = ("input_layernorm", "post_attention_layernorm", "post_feedforward_layernorm")
     local = hasattr(layer, "post_feedforward_layernorm")
     return {
-        **{
-            f"{prefix}.{n}": SequenceParallel(use_local_output=local)
-            for n in norms
-            if hasattr(layer, n)
-        },
-        f"{prefix}.mlp": PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-        ),
+        f"{prefix}.{n}": SequenceParallel(use_local_output=local)
+        for n in norms
+        if hasattr(layer, n)
     }
 
 
