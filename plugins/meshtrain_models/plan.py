@@ -57,7 +57,7 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> S
     for prefix in blocks:
         attention = stage.get_submodule(f"{prefix}.self_attn")
         moe = hasattr(stage.get_submodule(f"{prefix}.mlp"), "experts")
-        block = _block(prefix, between, attention, sequence_parallel)
+        block = _block(prefix, between, attention)
         if sequence_parallel:
             block.update(_sequence_parallel(stage.get_submodule(prefix), prefix))
         # A mixture of experts is not split over tp but run by meshtrain.experts (moe.py).
@@ -94,9 +94,7 @@ def vocab_units(stage: nn.Module, embedding: str, head: str, blocks: tuple) -> t
     return ((embedding,) if stage.first else ()) + blocks + ((head,) if stage.last else ())
 
 
-def _block(
-    prefix: str, between: Any, attention: nn.Module, sequence_parallel: bool
-) -> dict[str, Any]:
+def _block(prefix: str, between: Any, attention: nn.Module) -> dict[str, Any]:
     heads = attention.config.num_attention_heads
     kv_heads = attention.config.num_key_value_heads
     # The input of q/k/v (a keyword, hidden_states) and of gate/up becomes one replicated DTensor
