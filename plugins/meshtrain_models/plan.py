@@ -100,12 +100,12 @@ def _block(prefix: str, between: Any, attention: nn.Module) -> dict[str, Any]:
     # The input of q/k/v (a keyword, hidden_states) and of gate/up becomes one replicated DTensor
     # before the projections (under sequence parallel, by a gather): backward sums their partial
     # input gradients and reduces them over tp once per module, not once per projection.
-    gather = PrepareModuleInput(
+    replicated = PrepareModuleInput(
         input_kwarg_layouts={"hidden_states": between},
         desired_input_kwarg_layouts={"hidden_states": Replicate()},
     )
     styles = {
-        f"{prefix}.self_attn": AttentionHeads(heads, kv_heads, gather),
+        f"{prefix}.self_attn": AttentionHeads(heads, kv_heads, replicated),
         f"{prefix}.self_attn.o_proj": RowwiseParallel(output_layouts=between),
         f"{prefix}.mlp": PrepareModuleInput(
             input_layouts=(between,), desired_input_layouts=(Replicate(),)
@@ -149,9 +149,9 @@ class AttentionHeads(ParallelStyle):
     """On a transformers attention module: sets `num_key_value_groups` (query heads per key/value
     head, which `repeat_kv` and sdpa's GQA use) to what each tp rank holds, which differs from the
     model's when key/value projections are replicated (`KeyValueParallel`), and Phi-3's local
-    head counts. Then applies `inner` (the sequence-parallel input gather), if any."""
+    head counts. Then applies `inner`, the style that makes its input one replicated DTensor."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, inner: ParallelStyle | None = None):
+    def __init__(self, num_heads: int, num_kv_heads: int, inner: ParallelStyle):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.inner = num_heads, num_kv_heads, inner
 
@@ -169,7 +169,7 @@ class AttentionHeads(ParallelStyle):
             module.num_key_value_heads = module.config.num_attention_heads // (
                 module.num_key_value_groups
             )
-        return self.inner._apply(module, device_mesh) if self.inner else module
+        return self.inner._apply(module, device_mesh)
 
 
 class ScaledVocabParallelEmbedding(VocabParallelEmbedding):
