@@ -253,7 +253,7 @@ def format_layout(job: Job, rows: list[RankLayout]) -> str:
         + (", everything / dp for parallel.dp_shard)." if par.dp_shard else ")."),
         "memory (estimate): state = fp32 params + grads + AdamW moments; activ = fp32",
         "activations of the in-flight micro-batches (1F1B); logits on the last stage;",
-        "working = gathered weights and unsharded gradients (FSDP) or the all-reduce buffer;",
+        "working = gathered weights and unsharded gradients (FSDP);",
         "total adds ~460 MiB per worker for torch + transformers (meshtrain/layout.py).",
         *_malloc_line(job),
     ]

@@ -44,8 +44,9 @@ class MemoryEstimate:
     logits: int
     working: int
     """Transient full-size copies: with dp_shard, the gathered weights and unsharded gradients of
-    the root unit (embedding/head) and of up to 3 FSDP units (current, prefetched, reducing);
-    replicated, the flat gradient buffer of the dp all-reduce."""
+    the root unit (embedding/head) and of up to 3 FSDP units (current, prefetched, reducing).
+    Replicated over dp, nothing sizeable: gradients are reduced in place, small ones in buckets
+    of at most 8 MiB (meshtrain.grads.average)."""
     baseline: int
 
     @property
@@ -220,7 +221,7 @@ def _working_params(job: Job, held: list[Held]) -> int:
     par = job.config.parallel
     total = sum(h.elements for h in held)
     if not par.fsdp:
-        return total if par.dp > 1 else 0
+        return 0
     units: Counter[str] = Counter()
     for h in held:
         if h.fsdp_unit:
