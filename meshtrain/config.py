@@ -57,7 +57,9 @@ class ParallelSection:
     reshard_after_forward: str = _opt("auto", choices=("auto", "always", "never"))
     """FSDP2 units after their forward: free the gathered weights and gather again in backward
     (always), or keep them until backward (never: less traffic, a stage's weights in memory).
-    auto = never for schedules that split backward (zero bubble), else always."""
+    auto = never for schedules that split backward (zero bubble), else always but for the units
+    the family keeps (StagePlan.keep_gathered: the head, a stage's last block), whose backward
+    follows their forward with little memory allocated between."""
     grad_sync: str = _opt("step", choices=("step", "microbatch"))
     """When FSDP2 reduce-scatters gradients: once per step, after the last micro-batch (step:
     fewest collectives; under pp each stage keeps its gathered weights and full-size gradients

@@ -80,6 +80,13 @@ class StagePlan:
     block and the head: a unit is gathered only around its own forward and backward, and its
     gradient reduced right after its backward); the stage itself is always the root unit
     holding the rest, which stays gathered from its forward through the stage's backward."""
+    keep_gathered: tuple[str, ...] = ()
+    """Those of `fsdp_units` whose backward follows their forward with little memory allocated
+    between: the head (only the loss comes between), and the last block of a stage that passes
+    its output on (only the wait for the next stage's gradient, which in 1F1B comes after this
+    stage's next forward, where the block is gathered anyway). Under
+    parallel.reshard_after_forward = "auto", FSDP2 keeps their weights gathered from forward to
+    backward instead of freeing them and gathering them again."""
     ac_units: tuple[str, ...] = ()
     """Modules recomputed in backward under train.activation_checkpointing, and compiled each on
     its own under train.compile (usually each block)."""

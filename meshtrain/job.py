@@ -51,10 +51,14 @@ class Job:
         return par.tp if par.sequence_parallel and par.tp > 1 else 1
 
     @property
-    def reshard_after_forward(self) -> bool:
-        """FSDP2 frees gathered weights after forward (see parallel.reshard_after_forward)."""
+    def reshard_after_forward(self) -> str:
+        """Which FSDP2 units free their gathered weights after forward (see
+        parallel.reshard_after_forward): "all", "undeclared" (all but a plan's keep_gathered) or
+        "none"."""
         mode = self.config.parallel.reshard_after_forward
-        return mode == "always" or (mode == "auto" and not self.schedule.splits_backward)
+        if mode == "auto":
+            return "none" if self.schedule.splits_backward else "undeclared"
+        return "all" if mode == "always" else "none"
 
     @property
     def sync_each_microbatch(self) -> bool:

@@ -45,7 +45,7 @@ def parallelize(
     mesh: Mesh,
     config: Config,
     fill: Callable[[list[nn.Module]], None],
-    reshard_after_forward: bool = True,
+    reshard_after_forward: str = "all",
 ) -> None:
     """Shard `stages` (meta modules) in place; `fill` materialises them after tensor parallel."""
     mode, tp_mesh = config.train.activation_checkpointing, mesh.axis("tp")
@@ -79,26 +79,26 @@ def _policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def apply_fsdp(
-    stage: nn.Module, plan: StagePlan, mesh: Mesh, precision: str, reshard: bool
-) -> None:
+def apply_fsdp(stage: nn.Module, plan: StagePlan, mesh: Mesh, precision: str, reshard: str) -> None:
     """FSDP2 over dp: each unit of the plan, then the stage as the root unit (the rest). The
     experts of each MoE block first, over the dp ranks holding the same experts (edp); their
-    gradients come out averaged over edp (finish_grads divides them by ep too)."""
+    gradients come out averaged over edp (finish_grads divides them by ep too). `reshard`: the
+    units that free their gathered weights after forward (Job.reshard_after_forward)."""
     policy, dp_mesh = mixed_precision(precision), mesh.axis("dp")
     units = [
         fully_shard(
             stage.get_submodule(path).experts,
             mesh=mesh.axis("edp"),
             mp_policy=policy,
-            reshard_after_forward=reshard,
+            reshard_after_forward=reshard != "none",
         )
         for path in plan.experts
     ]
     for path in plan.fsdp_units:
         module = stage.get_submodule(path)
+        free = reshard == "all" or (reshard == "undeclared" and path not in plan.keep_gathered)
         units.append(
-            fully_shard(module, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(module, mesh=dp_mesh, mp_policy=policy, reshard_after_forward=free)
         )
         if isinstance(module, nn.Embedding):  # a lookup's backward needs no weights
             units[-1].set_unshard_in_backward(False)

@@ -26,7 +26,7 @@ from torch.distributed.tensor.parallel import (
 from meshtrain.api import StagePlan, VocabParallelEmbedding
 from meshtrain_models.family import DecoderFamily, reset_rotary
 from meshtrain_models.options import rename_neox_keys
-from meshtrain_models.plan import vocab_units
+from meshtrain_models.plan import kept_units, vocab_units
 
 
 class NeoxStage(nn.Module):
@@ -91,7 +91,8 @@ def neox_plan(stage: nn.Module, *, sequence_parallel: bool) -> StagePlan:
         )
     hf_keys = {"lm_head.weight": "embed_out.weight"} if stage.last else {}
     units = vocab_units(stage, "gpt_neox.embed_in", "lm_head", blocks)
-    return StagePlan(tp=tp, fsdp_units=units, ac_units=blocks, hf_keys=hf_keys)
+    kept = kept_units(stage, units, "lm_head")
+    return StagePlan(tp=tp, fsdp_units=units, keep_gathered=kept, ac_units=blocks, hf_keys=hf_keys)
 
 
 class NeoxFamily(DecoderFamily):

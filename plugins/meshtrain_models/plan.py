@@ -78,7 +78,8 @@ def build_plan(stage: nn.Module, *, sequence_parallel: bool, qk_norms: str) -> S
             input_layouts=between, output_layouts=Shard(-1), use_local_output=False
         )
     units = vocab_units(stage, "model.embed_tokens", "lm_head", blocks)
-    return StagePlan(tp=tp, fsdp_units=units, ac_units=blocks)
+    kept = kept_units(stage, units, "lm_head")
+    return StagePlan(tp=tp, fsdp_units=units, keep_gathered=kept, ac_units=blocks)
 
 
 def vocab_units(stage: nn.Module, embedding: str, head: str, blocks: tuple) -> tuple[str, ...]:
@@ -92,6 +93,14 @@ def vocab_units(stage: nn.Module, embedding: str, head: str, blocks: tuple) -> t
     if stage.first and stage.last and stage.config.tie_word_embeddings:
         return blocks
     return ((embedding,) if stage.first else ()) + blocks + ((head,) if stage.last else ())
+
+
+def kept_units(stage: nn.Module, units: tuple[str, ...], head: str) -> tuple[str, ...]:
+    """StagePlan.keep_gathered: the stage's last unit, where it is the head or the last block of
+    a stage before the last (on the last stage the head and the loss follow its forward): each
+    gathered once per micro-batch, not twice. In the reference run (the head on its last stage,
+    block 2 on its first) neither rank's peak memory changed."""
+    return units[-1:] if units and (units[-1] == head or not stage.last) else ()
 
 
 def _block(prefix: str, between: Any, attention: nn.Module) -> dict[str, Any]:
