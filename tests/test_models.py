@@ -1,6 +1,7 @@
 """The built-in model families (meshtrain_models: llama, qwen3): stages cover every parameter
 once, the split model computes exactly what the transformers model computes, the plan covers
-every block, and config problems name their key (no process group needed)."""
+every block and names the units FSDP2 keeps gathered (which a world of one in this process shows
+it does), and config problems name their key."""
 
 from __future__ import annotations
 
@@ -101,6 +102,8 @@ def test_plan_covers_every_block(family_and_config):
         # the vocabulary matrices are units of their own, in execution order
         ends = ("model.embed_tokens",) + blocks if stage is first else blocks + ("lm_head",)
         assert plan.fsdp_units == ends
+        # kept gathered from forward to backward: the head, a non-last stage's last block
+        assert plan.keep_gathered == ((blocks[-1],) if stage is first else ("lm_head",))
         for block in blocks:
             for module in per_block:
                 assert f"{block}.{module}" in plan.tp, f"{name}: {block}.{module}"
@@ -146,3 +149,42 @@ def test_folder_of_another_model_type_is_one_problem_naming_model_name(tmp_path,
     config, problems = parse(family, {}, model_name=str(tmp_path / family))
     assert problems == []
     assert family_of(family).shape(config).head_dim == (16 if family == "qwen3" else 8)
+
+
+def test_tied_single_stage_keeps_nothing_gathered(family_and_config):
+    """One stage whose embedding and head share a weight: both stay in the root unit, and its
+    last unit, a block, is followed by the head and the loss."""
+    name, family, _ = family_and_config
+    config, problems = parse(name, {**TINY, **EXTRA[name], "tie_word_embeddings": True})
+    assert problems == []
+    with torch.device("meta"):
+        (stage,) = split(family, family.build(config), 1)
+    plan = family.plan(stage, sequence_parallel=False)
+    assert plan.fsdp_units == tuple(f"model.layers.{i}" for i in range(5))
+    assert plan.keep_gathered == ()
+
+
+@pytest.mark.parametrize("reshard", ["undeclared", "all"])
+def test_fsdp_frees_all_but_the_kept_units_after_forward(family_and_config, reshard):
+    """meshtrain.parallelize.apply_fsdp (a world of one, in this process) reshards after
+    forward every unit but the plan's keep_gathered ones under "undeclared" (auto), all of them
+    under "all"."""
+    from pathlib import Path
+
+    from meshtrain.config import load_config
+    from meshtrain.mesh import close_mesh, init_mesh
+    from meshtrain.parallelize import apply_fsdp
+
+    _, family, config = family_and_config
+    stages = split(family, family.build(config), 2)
+    mesh = init_mesh(load_config(Path(__file__).parents[1] / "configs" / "tiny_cpu.toml"), "cpu")
+    try:
+        for stage in stages:
+            plan = family.plan(stage, sequence_parallel=False)
+            apply_fsdp(stage, plan, mesh, "fp32", reshard)
+            for path in plan.fsdp_units:
+                group = stage.get_submodule(path)._get_fsdp_state()._fsdp_param_group
+                kept = reshard == "undeclared" and path in plan.keep_gathered
+                assert group._reshard_after_forward is not kept, path
+    finally:
+        close_mesh()
