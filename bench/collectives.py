@@ -17,7 +17,7 @@ import resource
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from runner import measure_machine
+from runner import machine_line, measure_machine
 
 SIZES_MB = (1, 25)  # a tensor-parallel all-reduce of bench-small; its embedding's gradient
 REPEATS = 10
@@ -69,11 +69,7 @@ def main() -> None:
     if torch.cuda.is_available():
         print("CUDA: NCCL's cost is GPU time, not the CPU time this script measures")
         return
-    m = measure_machine(1.5)
-    print(
-        f"{m['cpu_model']}, {m['cores']} cores, torch {m['torch']}: peak "
-        f"{m['peak_gflops_fp32']:.1f} GFLOP/s fp32, {m['peak_gflops_bf16']:.1f} bf16"
-    )
+    print(machine_line(measure_machine(1.5)))
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(worker, args=(29400 + os.getpid() % 500, results), nprocs=2)

@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from runner import measure_machine
+from runner import machine_line, measure_machine
 
 from meshtrain.cross_entropy import token_cross_entropy
 
@@ -36,11 +36,7 @@ def best_ms(loss_fn, logits: torch.Tensor, labels: torch.Tensor) -> tuple[float,
 
 
 def main() -> None:
-    m = measure_machine(1.5)
-    print(
-        f"{m['cpu_model']}, {m['cores']} cores, torch {m['torch']}: peak "
-        f"{m['peak_gflops_fp32']:.1f} GFLOP/s fp32, {m['peak_gflops_bf16']:.1f} bf16"
-    )
+    print(machine_line(measure_machine(1.5)))
     for columns, threads in CASES:
         torch.set_num_threads(threads)
         generator = torch.Generator().manual_seed(0)

@@ -23,6 +23,7 @@ from typing import Any
 
 from fresh_memory import measure as measure_memory
 from runner import (
+    machine_line,
     measure_machine,
     report_failure,
     run_scenario,
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     machine = measure_machine(seconds=0.3 if args.quick else 1.5)
     _say(
-        f"{machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}: peak "
-        f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16; "
+        f"{machine_line(machine)}; "
         f"malloc {machine['tcmalloc'] or 'system (glibc): no tcmalloc installed'}"
     )
     if machine["others_share"] > BUSY:

@@ -41,6 +41,14 @@ def measure_machine(seconds: float) -> dict[str, Any]:
     }
 
 
+def machine_line(machine: dict[str, Any]) -> str:
+    """What every benchmark prints first: the CPU, its cores, torch and the measured peaks."""
+    return (
+        f"{machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}: peak "
+        f"{machine['peak_gflops_fp32']:.1f} GFLOP/s fp32, {machine['peak_gflops_bf16']:.1f} bf16"
+    )
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

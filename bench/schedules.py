@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from runner import measure_machine, run_scenario
+from runner import machine_line, measure_machine, run_scenario
 from scenarios import REF, SMALL_MODEL, Scenario
 
 from meshtrain.config import load_config
@@ -39,11 +39,7 @@ def main() -> int:
     out = args.out or Path(tempfile.mkdtemp(prefix="meshtrain-schedules-"))
     out.mkdir(parents=True, exist_ok=True)
     machine = measure_machine(seconds=2.0)
-    print(
-        f"# {machine['cpu_model']}, {machine['cores']} cores, torch {machine['torch']}; matmul "
-        f"peak {machine['peak_gflops_fp32']:.0f} GFLOP/s fp32, "
-        f"{machine['peak_gflops_bf16']:.0f} bf16 (all cores)"
-    )
+    print(f"# {machine_line(machine)} (matmul, all cores)")
     print(
         f"{'schedule':<17} {'pp':>2} {'s/step':>7} {'tok/s':>7}  {'bubble per pp rank':<26} "
         "peak GiB per pp rank"

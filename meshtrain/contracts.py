@@ -98,6 +98,11 @@ class StagePlan:
     every layout (after tensor parallel): routing, experts split over parallel.ep, the
     all-to-all, the aux loss and the expert load metrics (meshtrain.experts)."""
 
+    def __post_init__(self) -> None:
+        stray = [path for path in self.keep_gathered if path not in self.fsdp_units]
+        if stray:  # a family's mistake, which would otherwise cost only speed, silently
+            raise ValueError(f"StagePlan.keep_gathered names modules not in fsdp_units: {stray}")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ParamSpec:

@@ -219,9 +219,9 @@ def _pp_rank_summary(job: Job, pp_i: int, held: list[Held]) -> tuple:
 def _working_params(job: Job, held: list[Held]) -> int:
     """Parameters' worth of transient full copies (see MemoryEstimate.working)."""
     par = job.config.parallel
-    total = sum(h.elements for h in held)
     if not par.fsdp:
         return 0
+    total = sum(h.elements for h in held)
     units: Counter[str] = Counter()
     for h in held:
         if h.fsdp_unit:

@@ -188,3 +188,10 @@ def test_fsdp_frees_all_but_the_kept_units_after_forward(family_and_config, resh
                 assert group._reshard_after_forward is not kept, path
     finally:
         close_mesh()
+
+
+def test_a_kept_unit_must_be_an_fsdp_unit():
+    from meshtrain.contracts import StagePlan
+
+    with pytest.raises(ValueError, match=r"keep_gathered names modules not in fsdp_units: \['x'\]"):
+        StagePlan(fsdp_units=("model.layers.0",), keep_gathered=("x",))
